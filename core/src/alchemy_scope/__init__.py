@@ -1,0 +1,37 @@
+"""alchemy-scope: one SQLAlchemy ``AsyncSession`` per request, reachable as ``db.session``.
+
+Example:
+    >>> from alchemy_scope import Database
+    >>> db = Database("sqlite+aiosqlite:///app.db")
+    >>> async def main() -> None:
+    ...     async with db.scope():
+    ...         await db.session.execute(...)
+"""
+
+from __future__ import annotations
+
+from ._core import Scope, ScopeBlock, current_scope, scope
+from ._database import CommitPolicy, Database, ScopedSession, dispose_all
+from ._errors import (
+    AlchemyScopeError,
+    ConcurrentSessionUseError,
+    NoScopeError,
+    ScopeClosedError,
+)
+from ._middleware import ScopeMiddleware
+
+__all__ = [
+    "AlchemyScopeError",
+    "CommitPolicy",
+    "ConcurrentSessionUseError",
+    "Database",
+    "NoScopeError",
+    "Scope",
+    "ScopeBlock",
+    "ScopeClosedError",
+    "ScopeMiddleware",
+    "ScopedSession",
+    "current_scope",
+    "dispose_all",
+    "scope",
+]

@@ -1,0 +1,199 @@
+"""Scopes: the unit of work that owns sessions, and the ContextVar that says which one is current."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextvars import ContextVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._errors import NoScopeError, ScopeClosedError
+
+if TYPE_CHECKING:
+    from ._database import Database, ScopedSession
+
+logger = logging.getLogger("alchemy_scope")
+
+_current_scope: ContextVar[Scope | None] = ContextVar("alchemy_scope.current_scope", default=None)
+
+
+class Scope:
+    """One unit of work (a request, a websocket connection, a job) and the sessions opened in it.
+
+    A scope is cheap: it holds no session and no connection until code in it first reads
+    ``db.session``. Its identity is the key of every ``Database``'s session registry, so one
+    scope gives one session per ``Database``, and ending it ends them all.
+
+    Attributes:
+        closed: ``True`` once the scope has ended; its sessions refuse further use.
+        status: The HTTP status of the response, once the middleware has seen it.
+        failed: ``True`` when the work raised or its commit failed; nothing will be committed.
+        serialize: When ``True``, tasks that share this scope's session wait for each other
+            instead of raising ``ConcurrentSessionUseError``.
+    """
+
+    __slots__ = ("_opened", "_replaced_response", "closed", "failed", "serialize", "status")
+
+    def __init__(self, *, serialize: bool = False) -> None:
+        self._opened: list[tuple[Database, ScopedSession]] = []
+        self._replaced_response = False
+        self.closed = False
+        self.failed = False
+        self.serialize = serialize
+        self.status: int | None = None
+
+    @property
+    def sessions(self) -> tuple[AsyncSession, ...]:
+        """The sessions opened in this scope so far, in the order they were opened."""
+        return tuple(session for _, session in self._opened)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Scope {id(self):#x} {state}, {len(self._opened)} session(s)>"
+
+    async def _commit_due(self) -> None:
+        """Commit each session whose commit policy commits on this scope's outcome so far."""
+        if self.failed:
+            return
+        for database, session in self._opened:
+            if database._commits(self.status) and session.in_transaction():
+                await AsyncSession.commit(session)
+
+    async def _finish(self) -> None:
+        """Commit what the policy says, then close every session and drop its registry entry.
+
+        Every session is ended even when an earlier one fails; the first error is raised.
+        """
+        error: Exception | None = None
+        opened, self._opened = self._opened, []
+        for database, session in opened:
+            try:
+                if session._alchemy_owner is not None:  # a task still uses it: let it finish
+                    await session._alchemy_wait_idle()
+                if not self.failed and database._commits(self.status) and session.in_transaction():
+                    await AsyncSession.commit(session)
+            except Exception as exc:
+                error = error or exc
+            finally:
+                try:
+                    await AsyncSession.close(session)
+                except Exception as exc:
+                    error = error or exc
+                    await _invalidate_quietly(session)
+                finally:
+                    database._forget(self)
+        if error is not None:
+            raise error
+
+    async def _end(self) -> None:
+        """Close the scope and end its sessions, finishing that work even if we are cancelled."""
+        self.closed = True
+        if self._opened:
+            await _run_to_completion(self._finish)
+
+
+async def _invalidate_quietly(session: AsyncSession) -> None:
+    """Discard the connections of a session whose ``close()`` failed, so none stays checked out."""
+    try:
+        await AsyncSession.invalidate(session)
+    except Exception:  # pragma: no cover - best effort after a failure already reported
+        logger.warning("Could not invalidate a session whose close() failed", exc_info=True)
+
+
+async def _run_to_completion(work: Callable[[], Awaitable[None]]) -> None:
+    """Run ``work`` in its own task and wait for it even when the caller is cancelled.
+
+    Cancellation (a client disconnect, a timeout, an anyio cancel scope) is re-raised once the
+    work is done, so sessions are always ended and their connections returned.
+    """
+    task = asyncio.ensure_future(work())
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                cancelled = True
+                continue
+            if task.cancelled():  # pragma: no cover - nobody else holds the task
+                raise
+            if not cancelled:  # the caller was cancelled exactly as the task finished
+                cancelled = True
+        except Exception:
+            if not cancelled:
+                raise
+            logger.exception("Ending a scope failed while its task was being cancelled")
+        break
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _open_scope_key() -> Scope:
+    """Return the current scope: the registry key of ``db.session``. Raise if there is none."""
+    current = _current_scope.get()
+    if current is None:
+        raise NoScopeError()
+    if current.closed:
+        raise ScopeClosedError()
+    return current
+
+
+class ScopeBlock:
+    """The async context manager returned by :func:`scope`."""
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    async def __aenter__(self) -> Scope:
+        self._token = _current_scope.set(self._scope)
+        return self._scope
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        current = self._scope
+        if exc_type is not None:
+            current.failed = True
+        try:
+            await current._end()
+        finally:
+            _current_scope.reset(self._token)
+
+
+def scope(*, serialize: bool = False) -> ScopeBlock:
+    """Open a scope by hand, for scripts, jobs, background tasks and tests.
+
+    Inside the block every ``Database``'s ``db.session`` is one session of this scope; at the
+    end each is committed if its policy says so and the block did not raise, then rolled back,
+    closed and removed from the registry. Inside another scope this opens an independent one
+    and restores the outer scope on exit.
+
+    Args:
+        serialize: Let tasks that share this scope's session wait for each other instead of
+            raising ``ConcurrentSessionUseError``.
+
+    Returns:
+        An async context manager that yields the new :class:`Scope`.
+    """
+    return ScopeBlock(Scope(serialize=serialize))
+
+
+def current_scope() -> Scope:
+    """Return the scope this code runs in.
+
+    Raises:
+        NoScopeError: No scope is open here.
+    """
+    current = _current_scope.get()
+    if current is None:
+        raise NoScopeError()
+    return current
+

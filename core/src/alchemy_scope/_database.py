@@ -1,0 +1,245 @@
+"""``Database``: an engine, a session factory and the scoped registry behind ``db.session``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from ._core import Scope, ScopeBlock, _current_scope, _open_scope_key, scope
+from ._errors import ConcurrentSessionUseError, ScopeClosedError
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+CommitPolicy = Literal["manual", "autocommit"]
+"""``manual``: the app commits, the rest is rolled back. ``autocommit``: commit on success."""
+
+
+class ScopedSession(AsyncSession):
+    """The ``AsyncSession`` that ``db.session`` hands out.
+
+    It is an ordinary ``AsyncSession`` that also refuses two things SQLAlchemy cannot detect
+    reliably: two tasks running operations on it at the same time, and use after its scope
+    has ended.
+    """
+
+    _alchemy_scope: Scope
+    _alchemy_owner: asyncio.Task[Any] | None = None
+    _alchemy_running: str | None = None
+    _alchemy_lock: asyncio.Lock | None = None
+    _alchemy_idle: asyncio.Future[None] | None = None
+
+    async def _alchemy_wait_idle(self) -> None:
+        """Wait until the operation another task is running on this session has returned."""
+        while self._alchemy_owner is not None:
+            if self._alchemy_idle is None:
+                self._alchemy_idle = asyncio.get_running_loop().create_future()
+            await self._alchemy_idle
+
+
+# Methods that end a session stay allowed on a session whose scope has ended.
+_ALLOWED_AFTER_SCOPE = frozenset({"close", "invalidate", "reset"})
+_GUARDED_METHODS = (
+    "close",
+    "commit",
+    "connection",
+    "delete",
+    "execute",
+    "flush",
+    "get",
+    "get_one",
+    "invalidate",
+    "merge",
+    "refresh",
+    "reset",
+    "rollback",
+    "run_sync",
+    "scalar",
+    "scalars",
+    "stream",
+    "stream_scalars",
+)
+
+
+def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    unguarded = getattr(AsyncSession, name)
+    allowed_after_scope = name in _ALLOWED_AFTER_SCOPE
+
+    async def guarded(self: ScopedSession, /, *args: Any, **kwargs: Any) -> Any:
+        if self._alchemy_scope.closed and not allowed_after_scope:
+            raise ScopeClosedError()
+        task = asyncio.current_task()
+        owner = self._alchemy_owner
+        if owner is task:  # AsyncSession calling itself (scalars() runs execute())
+            return await unguarded(self, *args, **kwargs)
+        lock = self._alchemy_lock
+        if lock is not None:
+            async with lock:
+                return await _run(self, task, *args, **kwargs)
+        if owner is not None:
+            raise ConcurrentSessionUseError(name, self._alchemy_running or "?")
+        return await _run(self, task, *args, **kwargs)
+
+    async def _run(
+        self: ScopedSession, task: asyncio.Task[Any] | None, /, *args: Any, **kwargs: Any
+    ) -> Any:
+        self._alchemy_owner = task
+        self._alchemy_running = name
+        try:
+            return await unguarded(self, *args, **kwargs)
+        finally:
+            self._alchemy_owner = None
+            self._alchemy_running = None
+            idle = self._alchemy_idle
+            if idle is not None:
+                self._alchemy_idle = None
+                if not idle.done():
+                    idle.set_result(None)
+
+    guarded.__name__ = guarded.__qualname__ = name
+    guarded.__doc__ = unguarded.__doc__
+    return guarded
+
+
+for _name in _GUARDED_METHODS:
+    if hasattr(AsyncSession, _name):  # ``get_one`` is newer than some supported versions
+        setattr(ScopedSession, _name, _guarded(_name))
+
+
+class Database:
+    """A database an app talks to: its engine, its session factory and ``db.session``.
+
+    ``db.session`` is the session of the current scope: created on first use, the same object
+    everywhere in that scope, never shared with another scope. Scopes are opened by the
+    framework integration (one per request or websocket) or by ``async with db.scope():``.
+
+    Args:
+        url: An async SQLAlchemy URL (``sqlite+aiosqlite:///app.db``,
+            ``postgresql+asyncpg://...``, ``mysql+asyncmy://...``) or an ``AsyncEngine``.
+        commit: ``"manual"`` (the default): the app commits, and whatever it left uncommitted
+            is rolled back when the scope ends. ``"autocommit"``: the scope's session is
+            committed when the work succeeds (no exception and, for HTTP, a status below 400,
+            committed before the response starts), rolled back otherwise.
+        commit_on_redirect: With ``autocommit``, whether a 3xx response commits.
+        engine_options: Keyword arguments for ``create_async_engine`` (only with a URL).
+        session_options: Keyword arguments for ``async_sessionmaker``. ``expire_on_commit``
+            defaults to ``False``, so objects stay readable after a commit.
+
+    Raises:
+        ValueError: ``commit`` is not a known policy.
+        TypeError: ``engine_options`` were given together with an engine.
+    """
+
+    def __init__(
+        self,
+        url: str | URL | AsyncEngine,
+        *,
+        commit: CommitPolicy = "manual",
+        commit_on_redirect: bool = True,
+        engine_options: Mapping[str, Any] | None = None,
+        session_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if commit not in ("manual", "autocommit"):
+            raise ValueError(
+                f"Unknown commit policy {commit!r}: use commit='manual' (the app commits) "
+                "or commit='autocommit' (commit when the request succeeds)."
+            )
+        if isinstance(url, AsyncEngine):
+            if engine_options:
+                raise TypeError(
+                    "engine_options only apply when Database creates the engine from a URL; "
+                    "pass them to create_async_engine() instead."
+                )
+            self.engine = url
+        else:
+            self.engine = create_async_engine(url, **(engine_options or {}))
+        options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}
+        if "class_" in options and not issubclass(options["class_"], ScopedSession):
+            raise TypeError(
+                "session_options['class_'] must be a subclass of alchemy_scope.ScopedSession, "
+                "which keeps sessions from being used concurrently or after their scope."
+            )
+        options.setdefault("class_", ScopedSession)
+        self.commit_policy: CommitPolicy = commit
+        self.commit_on_redirect = commit_on_redirect
+        self._autocommit = commit == "autocommit"
+        self.sessionmaker: async_sessionmaker[ScopedSession] = async_sessionmaker(
+            self.engine, **options
+        )
+        self.scoped_session: async_scoped_session[ScopedSession] = async_scoped_session(
+            self.sessionmaker, scopefunc=_open_scope_key
+        )
+        registry = self.scoped_session.registry
+        registry.createfunc = self._open_session
+        self._sessions_by_scope: dict[Scope, ScopedSession] = registry.registry  # type: ignore[attr-defined]
+        self._current_session: Callable[[], ScopedSession] = registry
+
+    @property
+    def session(self) -> AsyncSession:
+        """The current scope's session, created on first use.
+
+        Raises:
+            NoScopeError: No scope is open here.
+            ScopeClosedError: The scope this code runs in has already ended.
+        """
+        return self._current_session()
+
+    def scope(self, *, serialize: bool = False) -> ScopeBlock:
+        """Open a scope by hand; the same as :func:`alchemy_scope.scope`.
+
+        A scope covers every ``Database``: sessions of all of them opened in the block are
+        ended with it.
+        """
+        return scope(serialize=serialize)
+
+    async def dispose(self) -> None:
+        """Close every pooled connection of the engine. Integrations call it at shutdown."""
+        await self.engine.dispose()
+
+    def __repr__(self) -> str:
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"Database({url!r}, commit={self.commit_policy!r})"
+
+    def _open_session(self) -> ScopedSession:
+        """Create the current scope's session and record it in the scope (registry miss)."""
+        current = _current_scope.get()
+        assert current is not None  # _open_scope_key() has just checked it
+        session = self.sessionmaker()
+        session._alchemy_scope = current
+        if current.serialize:
+            session._alchemy_lock = asyncio.Lock()
+        current._opened.append((self, session))
+        return session
+
+    def _commits(self, status: int | None) -> bool:
+        """Whether this database's policy commits a scope that ended with ``status``."""
+        if not self._autocommit:
+            return False
+        if status is None or status < 300:
+            return True
+        return status < 400 and self.commit_on_redirect
+
+    def _forget(self, scope: Scope) -> None:
+        """Drop the registry entry of ``scope``."""
+        self._sessions_by_scope.pop(scope, None)
+
+
+async def dispose_all(databases: tuple[Database, ...] | list[Database]) -> None:
+    """Dispose every database's engine, even when one of them fails; raise the first error."""
+    error: Exception | None = None
+    for database in databases:
+        try:
+            await database.dispose()
+        except Exception as exc:
+            error = error or exc
+    if error is not None:
+        raise error

@@ -1,0 +1,45 @@
+"""The exceptions alchemy-scope raises when it is used the wrong way."""
+
+from __future__ import annotations
+
+
+class AlchemyScopeError(Exception):
+    """Base class of every exception alchemy-scope raises."""
+
+
+class NoScopeError(AlchemyScopeError, LookupError):
+    """``db.session`` was used where no scope is open."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "db.session was used outside of a scope, so there is no session to give. "
+            "In a web app, install the alchemy-scope integration for your framework so "
+            "that every request opens a scope (for example "
+            "`alchemy_scope_starlette.install(app, db)`, or add "
+            "`alchemy_scope.ScopeMiddleware` to any ASGI app); in scripts, jobs and tests, "
+            "wrap the work in `async with db.scope(): ...`."
+        )
+
+
+class ScopeClosedError(AlchemyScopeError):
+    """A session was used after the scope that owned it had ended."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The session was used after its scope had ended: this code runs in a task that "
+            "outlived the request (or the `async with db.scope()` block) that started it, "
+            "and that scope's session is already closed. Give the late work a scope of its "
+            "own: `async with db.scope(): ...` inside the task."
+        )
+
+
+class ConcurrentSessionUseError(AlchemyScopeError):
+    """Two tasks used one scope's session at the same time."""
+
+    def __init__(self, attempted: str, running: str) -> None:
+        super().__init__(
+            f"AsyncSession.{attempted}() was called while AsyncSession.{running}() was still "
+            "running on the same session, from another task of the same scope. A session "
+            "runs one operation at a time: await the calls one after another, or give each "
+            "concurrent branch its own session by wrapping it in `async with db.scope(): ...`."
+        )

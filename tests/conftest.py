@@ -1,0 +1,67 @@
+"""Fixtures shared by every test: one run per database leg, and a leak check after each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alchemy_scope import Database
+from sqlalchemy import event
+
+from .models import Base
+from .support import assert_no_leaks, database_legs, leg_id
+
+MakeDatabase = Callable[..., Database]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database_url" in metafunc.fixturenames:
+        legs = database_legs()
+        metafunc.parametrize("database_url", legs, ids=[leg_id(url) for url in legs])
+
+
+def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@pytest.fixture
+async def make_db(database_url: str, tmp_path: Path) -> AsyncIterator[MakeDatabase]:
+    """A factory of Databases on this leg's database, with fresh tables; leak-checked at the end."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'test.db'}" if database_url == "sqlite" else database_url
+    made: list[Database] = []
+
+    def make(**options: Any) -> Database:
+        database = Database(url, **options)
+        if database.engine.dialect.name == "sqlite":
+            event.listen(database.engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
+        made.append(database)
+        return database
+
+    first = make()
+    async with first.engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+    yield make
+    try:
+        await assert_no_leaks(*made)
+    finally:
+        async with first.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
+        for database in made:
+            await database.dispose()
+
+
+@pytest.fixture
+def db(make_db: MakeDatabase) -> Database:
+    """A Database with the default (manual) commit policy."""
+    return make_db()
+
+
+@pytest.fixture
+def autocommit_db(make_db: MakeDatabase) -> Database:
+    """A Database that commits when the scope succeeds."""
+    return make_db(commit="autocommit")

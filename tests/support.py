@@ -1,0 +1,111 @@
+"""Helpers shared by every test: database legs, leak checks and small queries."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+from alchemy_scope import Database
+from sqlalchemy import event, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from .models import Item, Pet
+
+DATABASES_ENV = "ALCHEMY_SCOPE_TEST_DATABASES"
+
+
+def database_legs() -> list[str]:
+    """The database URLs to run on: SQLite always, then whatever the environment lists."""
+    extra = os.environ.get(DATABASES_ENV, "").split()
+    return ["sqlite", *extra]
+
+
+def leg_id(url: str) -> str:
+    """A short test id for a leg: ``sqlite``, ``postgresql`` or ``mysql``."""
+    return url if url == "sqlite" else make_url(url).get_backend_name()
+
+
+def backend(db: Database | AsyncEngine) -> str:
+    """The backend name of a database: ``sqlite``, ``postgresql`` or ``mysql``."""
+    engine = db if isinstance(db, AsyncEngine) else db.engine
+    return engine.dialect.name
+
+
+def registry(db: Database) -> dict[object, object]:
+    """The session registry of ``db``: scope -> session."""
+    return db.scoped_session.registry.registry  # type: ignore[no-any-return,attr-defined]
+
+
+async def leaks(db: Database) -> list[str]:
+    """Describe every leak of ``db``: registry entries, checked-out connections, idle txns."""
+    found = []
+    if registry(db):
+        found.append(f"registry holds {len(registry(db))} session(s)")
+    if db.engine.pool.checkedout():  # type: ignore[attr-defined]
+        found.append(f"{db.engine.pool.checkedout()} connection(s) checked out")  # type: ignore[attr-defined]
+    if not found and backend(db) == "postgresql":
+        async with db.engine.connect() as conn:
+            idle = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+                )
+            )
+        if idle:
+            found.append(f"{idle} PostgreSQL backend(s) idle in transaction")
+    return found
+
+
+async def assert_no_leaks(*dbs: Database, wait: float = 5.0) -> None:
+    """Assert that no database leaks, giving server-side cleanup up to ``wait`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        found = [f"{db!r}: {leak}" for db in dbs for leak in await leaks(db)]
+        if not found:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("; ".join(found))
+        await asyncio.sleep(0.02)
+
+
+async def item_names(db: Database) -> list[str]:
+    """The names of all items, read on a fresh connection (what is committed)."""
+    async with db.engine.connect() as conn:
+        return list((await conn.scalars(select(Item.name).order_by(Item.id))).all())
+
+
+async def count_items(db: Database) -> int:
+    """How many items are committed."""
+    async with db.engine.connect() as conn:
+        return int(await conn.scalar(select(func.count()).select_from(Item)) or 0)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], wait: float = 5.0) -> None:
+    """Wait until ``check`` is true, failing after ``wait`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def add_write_that_fails_at_commit(session: AsyncSession) -> None:
+    """Add an item plus a write that passes every statement but fails at COMMIT.
+
+    PostgreSQL and SQLite get a pet whose owner does not exist, which a deferred foreign key
+    rejects only at COMMIT. MariaDB checks constraints per statement, so there a
+    ``before_commit`` hook makes the same COMMIT fail.
+    """
+    session.add(Item(name="never committed"))
+    session.add(Pet(owner_id=999_999))
+    if session.bind.dialect.name == "mysql":
+
+        def refuse(_session: object) -> None:
+            raise IntegrityError("COMMIT", {}, Exception("constraint violated at COMMIT"))
+
+        event.listen(session.sync_session, "before_commit", refuse, once=True)
