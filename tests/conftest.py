@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from alchemy_scope import Database
 from sqlalchemy import event
 
 from .models import Base
-from .support import assert_no_leaks, database_legs, leg_id
+from .support import DATABASES_ENV, assert_no_leaks, database_legs, leg_id
 
 MakeDatabase = Callable[..., Database]
 
@@ -65,3 +66,14 @@ def db(make_db: MakeDatabase) -> Database:
 def autocommit_db(make_db: MakeDatabase) -> Database:
     """A Database that commits when the scope succeeds."""
     return make_db(commit="autocommit")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On CI every database leg must run: a missing one fails the run instead of shrinking it."""
+    if os.environ.get("CI"):
+        missing = {"postgresql", "mysql"} - {leg_id(url) for url in database_legs()}
+        if missing:
+            raise pytest.UsageError(
+                f"CI must test every database leg, but {sorted(missing)} are not in "
+                f"{DATABASES_ENV}; .ci/run sets it."
+            )

@@ -373,3 +373,20 @@ async def test_dispose_closes_the_pool(db: Database) -> None:
     assert db.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
     await db.dispose()
     assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_failed_commit_never_returns_its_transaction_to_the_pool(db: Database) -> None:
+    """After a COMMIT fails, the next user of the pool sees none of its writes and no lock."""
+    from sqlalchemy.exc import IntegrityError
+
+    from ..support import add_write_that_fails_at_commit
+
+    async with db.scope():
+        add_write_that_fails_at_commit(db.session)
+        with pytest.raises(IntegrityError):
+            await db.session.commit()
+    assert await count_items(db) == 0  # on the pooled connection: no open transaction
+    async with db.scope():
+        db.session.add(Item(name="next request"))
+        await db.session.commit()
+    assert await item_names(db) == ["next request"]

@@ -60,7 +60,7 @@ class Scope:
             return
         for database, session in self._opened:
             if database._commits(self.status) and session.in_transaction():
-                await AsyncSession.commit(session)
+                await commit_or_discard(session)
 
     async def _finish(self) -> None:
         """Commit what the policy says, then close every session and drop its registry entry.
@@ -74,7 +74,7 @@ class Scope:
                 if session._alchemy_owner is not None:  # a task still uses it: let it finish
                     await session._alchemy_wait_idle()
                 if not self.failed and database._commits(self.status) and session.in_transaction():
-                    await AsyncSession.commit(session)
+                    await commit_or_discard(session)
             except Exception as exc:
                 error = error or exc
             finally:
@@ -93,6 +93,23 @@ class Scope:
         self.closed = True
         if self._opened:
             await _run_to_completion(self._finish)
+
+
+async def commit_or_discard(session: AsyncSession) -> None:
+    """Commit ``session``; if the COMMIT itself fails, discard its connection.
+
+    After a failed COMMIT, SQLAlchemy takes the transaction for ended, but some databases
+    keep it open (SQLite does, after a deferred foreign key fails): returned to the pool,
+    that connection would carry the failed transaction's writes and locks to the next
+    request. Flushing first tells a failed statement (the transaction can still be rolled
+    back) from a failed COMMIT (the connection is invalidated instead of reused).
+    """
+    await AsyncSession.flush(session)
+    try:
+        await AsyncSession.commit(session)
+    except BaseException:
+        await AsyncSession.invalidate(session)
+        raise
 
 
 async def _invalidate_quietly(session: AsyncSession) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ._core import Scope, ScopeBlock, _current_scope, _open_scope_key, scope
+from ._core import Scope, ScopeBlock, _current_scope, _open_scope_key, commit_or_discard, scope
 from ._errors import ConcurrentSessionUseError, ScopeClosedError
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class ScopedSession(AsyncSession):
     has ended.
     """
 
-    _alchemy_scope: Scope
+    _alchemy_scope: Scope | None = None  # None: made by db.sessionmaker(), outside scopes
     _alchemy_owner: asyncio.Task[Any] | None = None
     _alchemy_running: str | None = None
     _alchemy_lock: asyncio.Lock | None = None
@@ -71,11 +71,12 @@ _GUARDED_METHODS = (
 
 
 def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
-    unguarded = getattr(AsyncSession, name)
+    unguarded = commit_or_discard if name == "commit" else getattr(AsyncSession, name)
     allowed_after_scope = name in _ALLOWED_AFTER_SCOPE
 
     async def guarded(self: ScopedSession, /, *args: Any, **kwargs: Any) -> Any:
-        if self._alchemy_scope.closed and not allowed_after_scope:
+        owning_scope = self._alchemy_scope
+        if owning_scope is not None and owning_scope.closed and not allowed_after_scope:
             raise ScopeClosedError()
         task = asyncio.current_task()
         owner = self._alchemy_owner

@@ -1,0 +1,254 @@
+"""ScopeMiddleware on a bare ASGI app: no framework, only the ASGI protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from alchemy_scope import Database, ScopeMiddleware, current_scope
+from sqlalchemy import text
+
+from ..models import Item
+from ..support import add_write_that_fails_at_commit, count_items, item_names, registry
+
+Message = dict[str, Any]
+Handler = Callable[[dict[str, Any]], Awaitable[tuple[int, bytes]]]
+
+
+def asgi_app(handler: Handler) -> Any:
+    """A bare ASGI app whose HTTP response is ``handler(scope)``; records lifespan scopes."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            app.lifespan_scopes.append(current_scope_or_none())  # type: ignore[attr-defined]
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        status, body = await handler(scope)
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    app.lifespan_scopes = []  # type: ignore[attr-defined]
+    return app
+
+
+def current_scope_or_none() -> object:
+    try:
+        return current_scope()
+    except LookupError:
+        return None
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_each_request_gets_its_own_scope_and_session(db: Database) -> None:
+    """Two requests never see the same scope or session, and both are ended."""
+    seen: list[tuple[object, object]] = []
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        seen.append((current_scope(), db.session))
+        await db.session.execute(text("SELECT 1"))
+        return 200, b"ok"
+
+    async with client(ScopeMiddleware(asgi_app(handler))) as http:
+        await asyncio.gather(http.get("/"), http.get("/"))
+    assert seen[0][0] is not seen[1][0]
+    assert seen[0][1] is not seen[1][1]
+    assert registry(db) == {}
+
+
+async def test_a_request_that_never_uses_the_database_opens_nothing(db: Database) -> None:
+    """A route that never touches db.session creates no session and checks out nothing."""
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        return 200, b"pong"
+
+    async with client(ScopeMiddleware(asgi_app(handler))) as http:
+        assert (await http.get("/ping")).text == "pong"
+    assert registry(db) == {}
+    assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+async def test_lifespan_passes_through_without_a_scope() -> None:
+    """The lifespan protocol reaches the app untouched and outside any scope."""
+    app = asgi_app(lambda _s: None)  # type: ignore[arg-type,return-value]
+    received: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return received.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await ScopeMiddleware(app)({"type": "lifespan"}, receive, send)
+    assert app.lifespan_scopes == [None]
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+@pytest.mark.parametrize(
+    ("status", "commit_on_redirect", "committed"),
+    [
+        (200, True, True),
+        (201, True, True),
+        (303, True, True),
+        (303, False, False),
+        (400, True, False),
+        (404, True, False),
+        (500, True, False),
+    ],
+)
+async def test_autocommit_follows_the_response_status(
+    make_db: Callable[..., Database], status: int, commit_on_redirect: bool, committed: bool
+) -> None:
+    """Autocommit commits below 400 (3xx as configured) and rolls back 4xx and 5xx."""
+    db = make_db(commit="autocommit", commit_on_redirect=commit_on_redirect)
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        db.session.add(Item(name="written"))
+        await db.session.flush()
+        return status, b""
+
+    async with client(ScopeMiddleware(asgi_app(handler))) as http:
+        assert (await http.get("/")).status_code == status
+    assert await count_items(db) == (1 if committed else 0)
+
+
+async def test_autocommit_commits_before_the_response_starts(autocommit_db: Database) -> None:
+    """When the client receives the start of a 2xx response, the write is already committed."""
+    committed_at_start: list[int] = []
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        autocommit_db.session.add(Item(name="early"))
+        return 201, b"created"
+
+    app = ScopeMiddleware(asgi_app(handler))
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            committed_at_start.append(await count_items(autocommit_db))
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await app({"type": "http", "method": "POST", "path": "/", "headers": []}, receive, send)
+    assert committed_at_start == [1]
+
+
+async def test_manual_policy_rolls_back_what_the_request_left(db: Database) -> None:
+    """With the manual policy, only what the handler committed persists."""
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        db.session.add(Item(name="committed"))
+        await db.session.commit()
+        db.session.add(Item(name="left over"))
+        await db.session.flush()
+        return 200, b""
+
+    async with client(ScopeMiddleware(asgi_app(handler))) as http:
+        await http.get("/")
+    assert await item_names(db) == ["committed"]
+
+
+async def test_a_commit_that_fails_turns_the_response_into_a_500(
+    autocommit_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A commit failing at COMMIT gives the client a generic 500, never the handler's 2xx."""
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        add_write_that_fails_at_commit(autocommit_db.session)
+        await autocommit_db.session.flush()  # every statement passes
+        return 201, json.dumps({"created": True}).encode()
+
+    async with client(ScopeMiddleware(asgi_app(handler))) as http:
+        response = await http.post("/")
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+    assert "INSERT" not in response.text
+    assert await count_items(autocommit_db) == 0
+    assert "Commit failed before the response started" in caplog.text
+
+
+async def test_an_exception_in_the_app_rolls_back_and_propagates(autocommit_db: Database) -> None:
+    """An app that raises: the write is rolled back and the exception reaches the server."""
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        autocommit_db.session.add(Item(name="lost"))
+        await autocommit_db.session.flush()
+        raise RuntimeError("handler failed")
+
+    async with client(ScopeMiddleware(asgi_app(handler))) as http:
+        with pytest.raises(RuntimeError, match="handler failed"):
+            await http.get("/")
+    assert await count_items(autocommit_db) == 0
+
+
+async def test_a_websocket_connection_is_one_scope(autocommit_db: Database) -> None:
+    """Every message of one websocket connection sees one session; it is ended at the close."""
+    sessions: list[object] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        while (message := await receive())["type"] == "websocket.receive":
+            sessions.append(autocommit_db.session)
+            autocommit_db.session.add(Item(name=message["text"]))
+            await autocommit_db.session.flush()
+            await send({"type": "websocket.send", "text": "ok"})
+
+    incoming: asyncio.Queue[Message] = asyncio.Queue()
+    for message in (
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "one"},
+        {"type": "websocket.receive", "text": "two"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ):
+        incoming.put_nowait(message)
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await ScopeMiddleware(app)({"type": "websocket", "path": "/ws"}, incoming.get, send)
+    assert len(sessions) == 2 and sessions[0] is sessions[1]
+    assert await item_names(autocommit_db) == ["one", "two"]
+    assert registry(autocommit_db) == {}
+
+
+async def test_a_cancelled_request_is_rolled_back_and_ended(db: Database) -> None:
+    """A request cancelled mid-handler (a disconnect) still ends its session."""
+    started = asyncio.Event()
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        db.session.add(Item(name="cancelled"))
+        await db.session.flush()
+        started.set()
+        await asyncio.sleep(60)
+        return 200, b""
+
+    app = ScopeMiddleware(asgi_app(handler))
+
+    async def receive() -> Message:
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    task = asyncio.create_task(app({"type": "http", "path": "/"}, receive, send))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert registry(db) == {}
+    assert await count_items(db) == 0
