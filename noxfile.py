@@ -1,6 +1,9 @@
-"""Every check of the project: `nox -s tests` runs the test matrix, `nox -s lint typecheck lowest`
-the rest. Database legs: SQLite always; PostgreSQL and MariaDB when ALCHEMY_SCOPE_TEST_DATABASES
-lists their URLs (.ci/run sets it)."""
+"""Every check of the project.
+
+`nox -s tests` runs the test matrix, `nox -s lint typecheck lowest` the rest. Database legs:
+SQLite always; PostgreSQL and MariaDB when ALCHEMY_SCOPE_TEST_DATABASES lists their URLs
+(.ci/run sets it).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import nox
 
 nox.options.default_venv_backend = "uv"
 nox.options.download_python = "never"  # only the interpreters installed here, never a download
-nox.options.error_on_missing_interpreters = True if os.environ.get("CI") else None  # type: ignore[assignment]
+nox.options.error_on_missing_interpreters = bool(os.environ.get("CI"))  # a missing Python fails CI
 nox.options.sessions = ["lint", "typecheck", "tests"]
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
@@ -69,8 +72,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.13")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over every distribution, installed together in one environment."""
+    """Mypy --strict over every distribution, installed together in one environment."""
     directories = ["core", *(d for d, _ in PACKAGES.values() if d)]
-    session.install(*(arg for d in directories for arg in ("-e", d)),
-                    *nox.project.dependency_groups(PYPROJECT, "typecheck"))
+    session.install(
+        *(arg for d in directories for arg in ("-e", d)),
+        *nox.project.dependency_groups(PYPROJECT, "typecheck"),
+    )
     session.run("mypy", *(f"{d}/src" for d in directories))

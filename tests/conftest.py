@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alchemy_scope import Database
 from sqlalchemy import event
+
+from alchemy_scope import Database
 
 from .models import Base
 from .support import DATABASES_ENV, assert_no_leaks, database_legs, leg_id
@@ -32,7 +33,9 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
 @pytest.fixture
 async def make_db(database_url: str, tmp_path: Path) -> AsyncIterator[MakeDatabase]:
     """A factory of Databases on this leg's database, with fresh tables; leak-checked at the end."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'test.db'}" if database_url == "sqlite" else database_url
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path / 'test.db'}" if database_url == "sqlite" else database_url
+    )
     made: list[Database] = []
 
     def make(**options: Any) -> Database:

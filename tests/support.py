@@ -6,11 +6,12 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable
 
-from alchemy_scope import Database
 from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from alchemy_scope import Database
 
 from .models import Item, Pet
 

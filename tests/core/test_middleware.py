@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from alchemy_scope import Database, ScopeMiddleware, current_scope
 from sqlalchemy import text
+
+from alchemy_scope import Database, ScopeMiddleware, current_scope
 
 from ..models import Item
 from ..support import add_write_that_fails_at_commit, count_items, item_names, registry
@@ -220,7 +221,8 @@ async def test_a_websocket_connection_is_one_scope(autocommit_db: Database) -> N
         sent.append(message)
 
     await ScopeMiddleware(app)({"type": "websocket", "path": "/ws"}, incoming.get, send)
-    assert len(sessions) == 2 and sessions[0] is sessions[1]
+    assert len(sessions) == 2
+    assert sessions[0] is sessions[1]
     assert await item_names(autocommit_db) == ["one", "two"]
     assert registry(autocommit_db) == {}
 

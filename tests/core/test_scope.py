@@ -6,6 +6,8 @@ import asyncio
 
 import anyio
 import pytest
+from sqlalchemy import event, select, text
+
 from alchemy_scope import (
     ConcurrentSessionUseError,
     Database,
@@ -15,7 +17,6 @@ from alchemy_scope import (
     current_scope,
     scope,
 )
-from sqlalchemy import event, select, text
 
 from ..conftest import MakeDatabase
 from ..models import Item
@@ -103,7 +104,8 @@ async def test_one_scope_covers_several_databases(make_db: MakeDatabase) -> None
         await a.execute(text("SELECT 1"))
         await b.execute(text("SELECT 1"))
         assert current_scope().sessions == (a, b)
-    assert registry(first) == {} and registry(second) == {}
+    assert registry(first) == {}
+    assert registry(second) == {}
     assert first.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert second.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
@@ -337,9 +339,7 @@ async def test_serialize_lets_tasks_take_turns_on_one_session(db: Database) -> N
     async with db.scope(serialize=True):
         db.session.add(Item(name="x"))
         await db.session.flush()
-        results = await asyncio.gather(
-            *(db.session.scalar(select(Item.name)) for _ in range(5))
-        )
+        results = await asyncio.gather(*(db.session.scalar(select(Item.name)) for _ in range(5)))
     assert results == ["x"] * 5
 
 

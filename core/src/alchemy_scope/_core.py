@@ -1,12 +1,13 @@
-"""Scopes: the unit of work that owns sessions, and the ContextVar that says which one is current."""
+"""Scopes, the units of work that own sessions, and the ContextVar naming the current one."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -213,4 +214,3 @@ def current_scope() -> Scope:
     if current is None:
         raise NoScopeError()
     return current
-

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
@@ -181,7 +182,7 @@ class Database:
         )
         registry = self.scoped_session.registry
         registry.createfunc = self._open_session
-        self._sessions_by_scope: dict[Scope, ScopedSession] = registry.registry  # type: ignore[attr-defined]
+        self._sessions_by_scope: dict[Scope, ScopedSession] = registry.registry
         self._current_session: Callable[[], ScopedSession] = registry
 
     @property

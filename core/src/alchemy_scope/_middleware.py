@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from ._core import Scope, _current_scope, logger
 
@@ -52,9 +53,10 @@ class ScopeMiddleware:
         token = _current_scope.set(current)
 
         async def send_in_scope(message: Message) -> None:
-            if current._opened or current._replaced_response:
-                if not await _before_send(current, message, send):
-                    return
+            if (current._opened or current._replaced_response) and not await _before_send(
+                current, message, send
+            ):
+                return
             await send(message)
 
         try:

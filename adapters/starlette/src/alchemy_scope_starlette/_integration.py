@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
-from alchemy_scope import Database, ScopeMiddleware, dispose_all
 from starlette.applications import Starlette
+
+from alchemy_scope import Database, ScopeMiddleware, dispose_all
 
 AppT = TypeVar("AppT")
 Lifespan = Callable[[AppT], AbstractAsyncContextManager[Any]]
