@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from alchemy_scope import Database
 
@@ -39,6 +40,8 @@ async def make_db(database_url: str, tmp_path: Path) -> AsyncIterator[MakeDataba
     made: list[Database] = []
 
     def make(**options: Any) -> Database:
+        if url.startswith("sqlite"):  # a real pool to check for leaks (older SQLAlchemy: NullPool)
+            options.setdefault("engine_options", {"poolclass": AsyncAdaptedQueuePool})
         database = Database(url, **options)
         if database.engine.dialect.name == "sqlite":
             event.listen(database.engine.sync_engine, "connect", _enable_sqlite_foreign_keys)

@@ -125,28 +125,25 @@ async def _run_to_completion(work: Callable[[], Awaitable[None]]) -> None:
     """Run ``work`` in its own task and wait for it even when the caller is cancelled.
 
     Cancellation (a client disconnect, a timeout, an anyio cancel scope) is re-raised once the
-    work is done, so sessions are always ended and their connections returned.
+    work is done, so sessions are always ended and their connections returned. The original
+    ``CancelledError`` is re-raised: anyio recognises its own cancellations by it.
     """
     task = asyncio.ensure_future(work())
-    cancelled = False
+    cancellation: asyncio.CancelledError | None = None
     while True:
         try:
             await asyncio.shield(task)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            cancellation = cancellation or exc
             if not task.done():
-                cancelled = True
                 continue
-            if task.cancelled():  # pragma: no cover - nobody else holds the task
-                raise
-            if not cancelled:  # the caller was cancelled exactly as the task finished
-                cancelled = True
         except Exception:
-            if not cancelled:
+            if cancellation is None:
                 raise
             logger.exception("Ending a scope failed while its task was being cancelled")
         break
-    if cancelled:
-        raise asyncio.CancelledError
+    if cancellation is not None:
+        raise cancellation
 
 
 def _open_scope_key() -> Scope:

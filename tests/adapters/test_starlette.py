@@ -1,0 +1,166 @@
+"""alchemy-scope-starlette: the shared scenarios, plus what is Starlette's own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from alchemy_scope import Database
+from alchemy_scope_starlette import install
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..models import Item
+from ..support import add_write_that_fails_at_commit, item_names
+from .scenarios import AdapterScenarios, asgi_client
+
+
+def make_starlette_app(db: Database, *, lifespan: object = None) -> Starlette:
+    """The scenario routes as a Starlette app, installed as the README shows."""
+
+    def helper_a() -> AsyncSession:
+        return db.session
+
+    def helper_b() -> AsyncSession:
+        return db.session
+
+    async def ping(_request: Request) -> Response:
+        return PlainTextResponse("pong")
+
+    async def create_item(request: Request) -> Response:
+        db.session.add(Item(name=request.path_params["name"]))
+        await db.session.flush()
+        if request.query_params.get("commit") == "1":
+            await db.session.commit()
+        status = int(request.query_params.get("status", "201"))
+        return JSONResponse({"session": id(db.session)}, status_code=status)
+
+    async def fail(request: Request) -> Response:
+        db.session.add(Item(name=request.path_params["name"]))
+        await db.session.flush()
+        raise RuntimeError("handler failed")
+
+    async def identity(_request: Request) -> Response:
+        first = helper_a()
+        await asyncio.sleep(0.05)
+        same = first is helper_b() is db.session
+        return JSONResponse({"same": same, "session": id(first)})
+
+    async def stream(request: Request) -> Response:
+        count = int(request.query_params.get("n", "3"))
+        delay = float(request.query_params.get("delay", "0"))
+
+        async def lines() -> AsyncIterator[str]:
+            for _ in range(count):
+                items = await db.session.scalar(select(func.count()).select_from(Item))
+                yield f"{id(db.session)} {items}\n"
+                await asyncio.sleep(delay)
+
+        return StreamingResponse(lines(), media_type="text/plain")
+
+    async def background(request: Request) -> Response:
+        request_session = db.session
+        name = request.path_params["name"]
+
+        async def job() -> None:
+            suffix = "same" if db.session is request_session else "own"
+            db.session.add(Item(name=f"{name}-{suffix}"))
+            await db.session.commit()
+
+        return Response(status_code=202, background=BackgroundTask(job))
+
+    async def orphan(_request: Request) -> Response:
+        add_write_that_fails_at_commit(db.session)
+        await db.session.flush()
+        return JSONResponse({"created": True}, status_code=201)
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                name = await websocket.receive_text()
+                db.session.add(Item(name=name))
+                await db.session.commit()
+                await websocket.send_text(str(id(db.session)))
+        except WebSocketDisconnect:
+            pass
+
+    app = Starlette(
+        routes=[
+            Route("/ping", ping),
+            Route("/items/{name}", create_item, methods=["POST"]),
+            Route("/items/{name}/fail", fail, methods=["POST"]),
+            Route("/identity", identity),
+            Route("/stream", stream),
+            Route("/background/{name}", background, methods=["POST"]),
+            Route("/orphan", orphan, methods=["POST"]),
+            WebSocketRoute("/ws", ws),
+        ],
+        lifespan=lifespan,  # type: ignore[arg-type]
+    )
+    install(app, db)
+    return app
+
+
+class TestStarlette(AdapterScenarios):
+    make_app = staticmethod(make_starlette_app)
+    background_in_request_scope = True
+
+
+async def test_user_lifespan_still_runs_and_databases_are_disposed_after_it(
+    db: Database,
+) -> None:
+    """install() keeps the app's own lifespan and disposes the engine after its shutdown."""
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        events.append("startup")
+        yield
+        # The engine is still usable during the app's own shutdown.
+        async with db.scope():
+            await db.session.execute(select(Item))
+        events.append(f"shutdown, pool has {db.engine.pool.checkedin()}")  # type: ignore[attr-defined]
+
+    async with asgi_client(make_starlette_app(db, lifespan=lifespan)) as client:
+        assert (await client.get("/ping")).text == "pong"
+    assert events == ["startup", "shutdown, pool has 1"]
+    assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+async def test_other_middleware_runs_inside_the_scope(db: Database) -> None:
+    """A user middleware (even BaseHTTPMiddleware) sees the request's session."""
+    seen: list[bool] = []
+
+    class Audit(BaseHTTPMiddleware):
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+            before = db.session
+            response = await call_next(request)
+            seen.append(before is db.session)
+            return response
+
+    app = make_starlette_app(db)
+    app.user_middleware.append(Middleware(Audit))
+    async with asgi_client(app) as client:
+        assert (await client.post("/items/audited?commit=1")).status_code == 201
+    assert seen == [True]
+    assert await item_names(db) == ["audited"]
+
+
+def test_install_after_startup_fails_with_starlettes_error(db: Database) -> None:
+    """install() on an app whose middleware stack is built raises instead of doing nothing."""
+    app = make_starlette_app(db)
+    app.build_middleware_stack()
+    app.middleware_stack = app.build_middleware_stack()
+    with pytest.raises(RuntimeError):
+        install(app, db)
