@@ -8,8 +8,10 @@ SQLite always; PostgreSQL and MariaDB when ALCHEMY_SCOPE_TEST_DATABASES lists th
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import nox
+from packaging.requirements import Requirement
 
 nox.options.default_venv_backend = "uv"
 nox.options.download_python = "never"  # only the interpreters installed here, never a download
@@ -18,19 +20,42 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 OLDEST_PYTHON = PYTHONS[0]
-# Each tested package: its own directory (None for core) and the test files that cover it.
-PACKAGES: dict[str, tuple[str | None, list[str]]] = {
-    "core": (None, ["tests/core"]),
-    "starlette": ("adapters/starlette", ["tests/adapters/test_starlette.py"]),
-}
+ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TEST_DEPENDENCIES = nox.project.dependency_groups(PYPROJECT, "test")
 
 
+def _adapters() -> dict[str, list[str]]:
+    """Each adapter under adapters/ and the workspace directories it installs (its own last)."""
+    adapters = {}
+    for pyproject in sorted(ROOT.glob("adapters/*/pyproject.toml")):
+        name = pyproject.parent.name
+        requires = nox.project.load_toml(pyproject)["project"]["dependencies"]
+        names = [Requirement(requirement).name for requirement in requires]
+        siblings = [
+            f"adapters/{name.removeprefix('alchemy-scope-')}"
+            for name in names
+            if name.startswith("alchemy-scope-")
+        ]
+        adapters[name] = [*siblings, f"adapters/{name}"]
+    return adapters
+
+
+ADAPTERS = _adapters()
+# Each tested package: the editable directories it installs and the tests that cover it.
+PACKAGES: dict[str, tuple[list[str], list[str]]] = {
+    "core": (["core"], ["tests/core"]),
+    **{
+        name: (["core", *directories], [f"tests/adapters/test_{name}.py"])
+        for name, directories in ADAPTERS.items()
+    },
+}
+
+
 def _install(session: nox.Session, package: str, *uv_options: str) -> None:
     """Install core, one adapter and the test dependencies: nothing of the other frameworks."""
-    directory, _ = PACKAGES[package]
-    editables = ["-e", "core", *(["-e", directory] if directory else [])]
+    directories, _ = PACKAGES[package]
+    editables = [arg for directory in directories for arg in ("-e", directory)]
     session.install(*uv_options, *editables, *TEST_DEPENDENCIES)
 
 
@@ -73,7 +98,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.13")
 def typecheck(session: nox.Session) -> None:
     """Mypy --strict over every distribution, installed together in one environment."""
-    directories = ["core", *(d for d, _ in PACKAGES.values() if d)]
+    directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
     session.install(
         *(arg for d in directories for arg in ("-e", d)),
         *nox.project.dependency_groups(PYPROJECT, "typecheck"),

@@ -14,7 +14,14 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 from alchemy_scope import Database
 
 from .models import Base
-from .support import DATABASES_ENV, assert_no_leaks, database_legs, leg_id
+from .support import (
+    DATABASES_ENV,
+    assert_no_leaks,
+    create_run_databases,
+    database_legs,
+    drop_run_databases,
+    leg_id,
+)
 
 MakeDatabase = Callable[..., Database]
 
@@ -75,7 +82,7 @@ def autocommit_db(make_db: MakeDatabase) -> Database:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """On CI every database leg must run: a missing one fails the run instead of shrinking it."""
+    """Give this run databases of its own; on CI, require every database leg."""
     if os.environ.get("CI"):
         missing = {"postgresql", "mysql"} - {leg_id(url) for url in database_legs()}
         if missing:
@@ -83,3 +90,8 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"CI must test every database leg, but {sorted(missing)} are not in "
                 f"{DATABASES_ENV}; .ci/run sets it."
             )
+    create_run_databases()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    drop_run_databases()

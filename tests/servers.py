@@ -37,3 +37,35 @@ async def uvicorn_server(app: Any) -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+@asynccontextmanager
+async def hypercorn_server(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with hypercorn (lifespan on) on a free port; yield its base URL."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    sock = _bound_socket()
+    host, port = sock.getsockname()
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns and closes the socket
+    config.loglevel = "WARNING"
+    config.graceful_timeout = 1
+    started = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def shutdown_trigger() -> None:
+        started.set()
+        await stop.wait()
+
+    task = asyncio.create_task(serve(app, config, shutdown_trigger=shutdown_trigger))
+    try:
+        while not started.is_set():
+            if task.done():
+                task.result()
+                raise RuntimeError("hypercorn stopped before it started")
+            await asyncio.sleep(0.01)
+        yield f"http://{host}:{port}"
+    finally:
+        stop.set()
+        await task

@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from alchemy_scope import Database
 
@@ -18,10 +19,45 @@ from .models import Item, Pet
 DATABASES_ENV = "ALCHEMY_SCOPE_TEST_DATABASES"
 
 
+def configured_legs() -> list[str]:
+    """The database URLs the environment lists, as given."""
+    return os.environ.get(DATABASES_ENV, "").split()
+
+
+# Each test run works in databases of its own, created from the configured servers' URLs, so
+# that runs in parallel (nox -j, several developers) never touch each other's tables.
+_RUN_DATABASE = f"alchemy_scope_test_{os.getpid()}"
+
+
 def database_legs() -> list[str]:
-    """The database URLs to run on: SQLite always, then whatever the environment lists."""
-    extra = os.environ.get(DATABASES_ENV, "").split()
-    return ["sqlite", *extra]
+    """The database URLs to run on: SQLite always, then this run's own databases."""
+    return ["sqlite", *(_run_url(url) for url in configured_legs())]
+
+
+def _run_url(url: str) -> str:
+    return make_url(url).set(database=_RUN_DATABASE).render_as_string(hide_password=False)
+
+
+async def _create_or_drop(create: bool) -> None:
+    for url in configured_legs():
+        engine = create_async_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text(f"DROP DATABASE IF EXISTS {_RUN_DATABASE}"))
+                if create:
+                    await conn.execute(text(f"CREATE DATABASE {_RUN_DATABASE}"))
+        finally:
+            await engine.dispose()
+
+
+def create_run_databases() -> None:
+    """Create this run's databases on every configured server."""
+    asyncio.run(_create_or_drop(create=True))
+
+
+def drop_run_databases() -> None:
+    """Drop this run's databases."""
+    asyncio.run(_create_or_drop(create=False))
 
 
 def leg_id(url: str) -> str:

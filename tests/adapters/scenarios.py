@@ -1,4 +1,4 @@
-"""The scenarios every adapter passes, on every database leg.
+r"""The scenarios every adapter passes, on every database leg.
 
 Each adapter's test module subclasses :class:`AdapterScenarios` and provides ``make_app``: a
 factory ``make_app(db) -> ASGI app`` that serves the routes below, written the way that
@@ -31,9 +31,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ClassVar
 
 import httpx
-from alchemy_scope import Database
 from asgi_lifespan import LifespanManager
 from websockets.asyncio.client import connect
+
+from alchemy_scope import Database
 
 from ..conftest import MakeDatabase
 from ..servers import uvicorn_server
