@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import make_url
@@ -146,3 +149,17 @@ def add_write_that_fails_at_commit(session: AsyncSession) -> None:
             raise IntegrityError("COMMIT", {}, Exception("constraint violated at COMMIT"))
 
         event.listen(session.sync_session, "before_commit", refuse, once=True)
+
+
+def readme_code(path: str, index: int = 0) -> str:
+    """The ``index``-th Python code block of a README of this repository."""
+    text_ = (Path(__file__).parent.parent / path).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text_, flags=re.DOTALL)
+    return blocks[index]  # type: ignore[no-any-return]
+
+
+def run_readme_app(path: str, index: int = 0) -> dict[str, Any]:
+    """Run a README's example app as a user would after copying it; return its globals."""
+    namespace: dict[str, Any] = {"__name__": "readme_app"}
+    exec(compile(readme_code(path, index), path, "exec"), namespace)
+    return namespace

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -22,7 +23,7 @@ from alchemy_scope import Database
 from alchemy_scope_starlette import install
 
 from ..models import Item
-from ..support import add_write_that_fails_at_commit, item_names
+from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, run_readme_app
 from .scenarios import AdapterScenarios, asgi_client
 
 
@@ -165,3 +166,18 @@ def test_install_after_startup_fails_with_starlettes_error(db: Database) -> None
     app.middleware_stack = app.build_middleware_stack()
     with pytest.raises(RuntimeError):
         install(app, db)
+
+
+@pytest.mark.parametrize("readme", ["README.md", "adapters/starlette/README.md"])
+async def test_the_readme_app_works_when_copied(
+    readme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The complete app shown in the README serves a request through db.session."""
+    monkeypatch.chdir(tmp_path)  # its SQLite file lands where a user would run it
+    namespace = run_readme_app(readme)
+    db: Database = namespace["db"]
+    async with asgi_client(namespace["app"]) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert response.json()["now"]
+    await assert_no_leaks(db)
