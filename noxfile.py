@@ -46,7 +46,16 @@ ADAPTERS = _adapters()
 PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "core": (["core"], ["tests/core"]),
     **{
-        name: (["core", *directories], [f"tests/adapters/test_{name}.py"])
+        name: (
+            ["core", *directories],
+            [
+                f"tests/adapters/test_{name}.py",
+                *(
+                    str(path.relative_to(ROOT))
+                    for path in ROOT.glob(f"tests/examples/test_{name}_*.py")
+                ),
+            ],
+        )
         for name, directories in ADAPTERS.items()
     },
 }
@@ -104,3 +113,23 @@ def typecheck(session: nox.Session) -> None:
         *nox.project.dependency_groups(PYPROJECT, "typecheck"),
     )
     session.run("mypy", *(f"{d}/src" for d in directories))
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Serve one example Todo API on http://127.0.0.1:8000: `nox -s demo -- starlette`.
+
+    FastAPI when none is named. DATABASE_URL chooses the database (default: SQLite todos.db
+    in the example's directory).
+    """
+    framework = session.posargs[0] if session.posargs else "fastapi"
+    if framework not in ADAPTERS or not (ROOT / "examples" / framework).is_dir():
+        session.error(f"No example for {framework!r}: choose one of {', '.join(ADAPTERS)}.")
+    directories, _ = PACKAGES[framework]
+    editables = [arg for directory in directories for arg in ("-e", directory)]
+    session.install(*editables, "-r", f"examples/{framework}/requirements.txt")
+    session.chdir(f"examples/{framework}")
+    if framework == "quart":
+        session.run("hypercorn", "app:app", "--bind", "127.0.0.1:8000")
+    else:
+        session.run("uvicorn", "app:app", "--host", "127.0.0.1", "--port", "8000")

@@ -39,11 +39,17 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
 
 
 @pytest.fixture
-async def make_db(database_url: str, tmp_path: Path) -> AsyncIterator[MakeDatabase]:
+def leg_url(database_url: str, tmp_path: Path) -> str:
+    """The URL of this test's database: a SQLite file of its own, or this run's database."""
+    if database_url == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    return database_url
+
+
+@pytest.fixture
+async def make_db(leg_url: str) -> AsyncIterator[MakeDatabase]:
     """A factory of Databases on this leg's database, with fresh tables; leak-checked at the end."""
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'test.db'}" if database_url == "sqlite" else database_url
-    )
+    url = leg_url
     made: list[Database] = []
 
     def make(**options: Any) -> Database:

@@ -1,0 +1,265 @@
+"""The HTTP contract every example Todo API serves, run against each example.
+
+Each framework's test module subclasses :class:`TodoContract` and names its example
+directory. The example is imported fresh for every test with ``DATABASE_URL`` pointing at the
+test's database leg, exactly as a user would run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from ..adapters.scenarios import asgi_client
+from ..servers import uvicorn_server
+from ..support import assert_no_leaks, registry
+
+EXAMPLES = Path(__file__).parent.parent.parent / "examples"
+
+BAD_TODOS: list[Any] = [
+    {},
+    {"name": "no title"},
+    {"title": None},
+    {"title": 42},
+    {"title": True},
+    {"title": ["a list"]},
+    {"title": {"an": "object"}},
+    {"title": ""},
+    {"title": "   "},
+    {"title": "\t\n"},
+    {"title": "x" * 201},
+    {"title": "  " + "y" * 201 + "  "},
+    {"title": "nul \x00 inside"},
+    {"title": "lone \ud800 surrogate"},
+    [],
+    "just a string",
+    12,
+    None,
+]
+NOT_JSON = [b"", b"{", b"title=x", b"\xff\xfe", b"[" * 100_000, b'{"title": "x"} trailing']
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>/app.py`` as a fresh module."""
+    path = EXAMPLES / name / "app.py"
+    module_name = f"todo_example_{name}_{id(path)}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+class TodoContract:
+    """The contract of issue #4, as tests. Subclasses set ``example`` (and ``serve``)."""
+
+    example: ClassVar[str]
+    serve: ClassVar[Callable[[Any], AbstractAsyncContextManager[str]]] = staticmethod(
+        uvicorn_server
+    )
+
+    @pytest.fixture
+    async def todo_app(
+        self, leg_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> AsyncIterator[ModuleType]:
+        monkeypatch.setenv("DATABASE_URL", leg_url)
+        module = load_example(self.example)
+        try:
+            yield module
+            await assert_no_leaks(module.db)
+        finally:
+            async with module.db.engine.begin() as connection:
+                await connection.run_sync(module.Base.metadata.drop_all)
+            await module.db.dispose()
+            sys.modules.pop(module.__name__, None)
+
+    @pytest.fixture
+    async def client(self, todo_app: ModuleType) -> AsyncIterator[httpx.AsyncClient]:
+        async with asgi_client(todo_app.app) as client:
+            yield client
+
+    @staticmethod
+    async def titles(client: httpx.AsyncClient) -> list[str]:
+        response = await client.get("/todos?limit=1000")
+        assert response.status_code == 200
+        return [todo["title"] for todo in response.json()]
+
+    @staticmethod
+    def assert_error(response: httpx.Response, *statuses: int) -> None:
+        assert response.status_code in statuses, (response.status_code, response.text)
+        detail = response.json()["detail"]
+        assert detail
+        assert isinstance(detail, str), detail
+
+    async def test_health_answers_without_a_session(
+        self, todo_app: ModuleType, client: httpx.AsyncClient
+    ) -> None:
+        """GET /health is 200 {"status": "ok"} and opens no session."""
+        response = await client.get("/health")
+        assert response.status_code == 200
+        assert response.json() == {"status": "ok"}
+        assert registry(todo_app.db) == {}
+
+    async def test_create_read_update_delete(self, client: httpx.AsyncClient) -> None:
+        """A todo goes through create (stripped title), read, update and delete."""
+        created = await client.post("/todos", json={"title": "  buy milk  "})
+        assert created.status_code == 201
+        todo = created.json()
+        assert todo == {"id": todo["id"], "title": "buy milk", "done": False}
+        assert (await client.get(f"/todos/{todo['id']}")).json() == todo
+        patched = await client.patch(f"/todos/{todo['id']}", json={"done": True})
+        assert patched.status_code == 200
+        assert patched.json() == {**todo, "done": True}
+        renamed = await client.patch(f"/todos/{todo['id']}", json={"title": " buy oat milk "})
+        assert renamed.json() == {**todo, "title": "buy oat milk", "done": True}
+        assert (await client.delete(f"/todos/{todo['id']}")).status_code == 204
+        self.assert_error(await client.get(f"/todos/{todo['id']}"), 404)
+        self.assert_error(await client.delete(f"/todos/{todo['id']}"), 404)
+
+    async def test_titles_are_unique_and_case_sensitive(self, client: httpx.AsyncClient) -> None:
+        """A duplicate title is a 409 that writes nothing; titles differing in case are two."""
+        assert (await client.post("/todos", json={"title": "Milk"})).status_code == 201
+        self.assert_error(await client.post("/todos", json={"title": " Milk "}), 409)
+        assert (await client.post("/todos", json={"title": "milk"})).status_code == 201
+        assert (await client.post("/todos", json={"title": "🥛 milk"})).status_code == 201
+        assert await self.titles(client) == ["Milk", "milk", "🥛 milk"]
+
+    async def test_the_longest_title_is_accepted(self, client: httpx.AsyncClient) -> None:
+        """A title of exactly 200 characters (after stripping) is valid."""
+        title = "é" * 200
+        response = await client.post("/todos", json={"title": f" {title} "})
+        assert response.status_code == 201
+        assert response.json()["title"] == title
+
+    @pytest.mark.parametrize("body", BAD_TODOS, ids=repr)
+    async def test_bad_todos_are_4xx_and_write_nothing(
+        self, client: httpx.AsyncClient, body: Any
+    ) -> None:
+        """A body without a valid string title is a 4xx with a JSON detail, and writes nothing."""
+        content = json.dumps(body).encode("utf-8", "surrogatepass")
+        headers = {"content-type": "application/json"}
+        response = await client.post("/todos", content=content, headers=headers)
+        self.assert_error(response, 400, 422)
+        assert await self.titles(client) == []
+
+    @pytest.mark.parametrize("content", NOT_JSON, ids=lambda c: repr(c[:20]))
+    async def test_bodies_that_are_not_json_are_4xx(
+        self, client: httpx.AsyncClient, content: bytes
+    ) -> None:
+        """Bodies that are not JSON documents are a 4xx with a JSON detail."""
+        headers = {"content-type": "application/json"}
+        response = await client.post("/todos", content=content, headers=headers)
+        self.assert_error(response, 400, 422)
+        assert await self.titles(client) == []
+
+    async def test_list_pages_in_id_order(self, client: httpx.AsyncClient) -> None:
+        """GET /todos pages by limit and offset, in id order, 100 by default."""
+        response = await client.post("/todos/bulk", json=[{"title": f"t{i}"} for i in range(105)])
+        assert response.status_code == 201
+        ids = [todo["id"] for todo in response.json()]
+        first_page = (await client.get("/todos")).json()
+        assert [todo["id"] for todo in first_page] == ids[:100]
+        page = (await client.get("/todos?limit=3&offset=101")).json()
+        assert [todo["id"] for todo in page] == ids[101:104]
+        assert (await client.get("/todos?offset=1000")).json() == []
+
+    @pytest.mark.parametrize(
+        "query",
+        ["limit=0", "limit=1001", "limit=-1", "limit=abc", "limit=1.5", "offset=-1",
+         "offset=x", "limit=", "offset=99999999999999999999999"],
+    )
+    async def test_bad_paging_is_4xx(self, client: httpx.AsyncClient, query: str) -> None:
+        """Paging values out of range or not integers are a 4xx with a JSON detail."""
+        self.assert_error(await client.get(f"/todos?{query}"), 400, 422)
+
+    async def test_unknown_and_huge_ids_are_404(self, client: httpx.AsyncClient) -> None:
+        """Ids that match no todo, however large, are a 404 with a JSON detail."""
+        for todo_id in ("1", "2147483647", "2147483648", "99999999999999999999999"):
+            self.assert_error(await client.get(f"/todos/{todo_id}"), 404, 422)
+            self.assert_error(await client.patch(f"/todos/{todo_id}", json={"done": True}), 404, 422)
+            self.assert_error(await client.delete(f"/todos/{todo_id}"), 404, 422)
+
+    async def test_bad_patches_are_4xx_and_change_nothing(self, client: httpx.AsyncClient) -> None:
+        """A patch with a bad title or done, or a duplicate title, changes nothing."""
+        todo = (await client.post("/todos", json={"title": "first"})).json()
+        await client.post("/todos", json={"title": "second"})
+        for body in ({"done": "yes"}, {"done": None}, {"title": ""}, {"title": 5}, [1]):
+            self.assert_error(await client.patch(f"/todos/{todo['id']}", json=body), 400, 422)
+        self.assert_error(await client.patch(f"/todos/{todo['id']}", json={"title": "second"}), 409)
+        assert (await client.get(f"/todos/{todo['id']}")).json() == todo
+
+    async def test_bulk_is_all_or_nothing(self, client: httpx.AsyncClient) -> None:
+        """A bulk create writes every todo or, on any bad or duplicate item, none."""
+        assert (await client.post("/todos", json={"title": "existing"})).status_code == 201
+        for body, statuses in (
+            ([{"title": "a"}, {"title": ""}], (400, 422)),
+            ([{"title": "b"}, {"title": 3}], (400, 422)),
+            ([{"title": "c"}, {"title": " c "}], (409,)),
+            ([{"title": "d"}, {"title": "existing"}], (409,)),
+            ([], (400, 422)),
+            ([{"title": f"n{i}"} for i in range(1001)], (400, 422)),
+            ({"title": "not a list"}, (400, 422)),
+        ):
+            self.assert_error(await client.post("/todos/bulk", json=body), *statuses)
+        assert await self.titles(client) == ["existing"]
+        created = await client.post("/todos/bulk", json=[{"title": " x "}, {"title": "y"}])
+        assert created.status_code == 201
+        assert [todo["title"] for todo in created.json()] == ["x", "y"]
+
+    async def test_export_streams_ndjson_in_id_order(self, client: httpx.AsyncClient) -> None:
+        """GET /todos/export is NDJSON, one todo per line in id order."""
+        await client.post("/todos/bulk", json=[{"title": f"e{i}"} for i in range(250)])
+        response = await client.get("/todos/export")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        todos = [json.loads(line) for line in response.text.splitlines()]
+        assert [todo["title"] for todo in todos] == [f"e{i}" for i in range(250)]
+        assert [todo["id"] for todo in todos] == sorted(todo["id"] for todo in todos)
+
+    async def test_concurrent_duplicate_creates_give_one_201(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """N concurrent POSTs of one title: exactly one 201, N-1 409s, no 500, one row."""
+        responses = await asyncio.gather(
+            *(client.post("/todos", json={"title": "race"}) for _ in range(12))
+        )
+        statuses = sorted(response.status_code for response in responses)
+        assert statuses == [201] + [409] * 11
+        assert await self.titles(client) == ["race"]
+
+    async def test_through_a_real_server(self, todo_app: ModuleType) -> None:
+        """Smoke test through a real server: HTTP routes, the export stream and the websocket."""
+        async with self.serve(todo_app.app) as url:
+            async with httpx.AsyncClient(base_url=url) as client:
+                assert (await client.get("/health")).json() == {"status": "ok"}
+                assert (await client.post("/todos", json={"title": "served"})).status_code == 201
+            async with connect(url.replace("http://", "ws://") + "/todos/ws") as socket:
+                await socket.send(json.dumps({"title": " via socket "}))
+                assert json.loads(await socket.recv())["title"] == "via socket"
+                for bad in ("not json", json.dumps({"title": ""}), json.dumps({"title": "served"})):
+                    await socket.send(bad)
+                    assert isinstance(json.loads(await socket.recv())["detail"], str)
+                await socket.send(json.dumps({"title": "still open"}))
+                assert json.loads(await socket.recv())["title"] == "still open"
+            async with httpx.AsyncClient(base_url=url) as client:
+                export = await client.get("/todos/export")
+                titles = [json.loads(line)["title"] for line in export.text.splitlines()]
+                assert titles == ["served", "via socket", "still open"]
+            await assert_no_leaks(todo_app.db)
