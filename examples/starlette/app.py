@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from alchemy_scope import Database
-from alchemy_scope_starlette import install
 from sqlalchemy import String, select
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import IntegrityError
@@ -24,6 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from alchemy_scope import Database
+from alchemy_scope_starlette import install
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///todos.db")
 # autocommit: a request that answers below 400 is committed before its response is sent;

@@ -182,8 +182,17 @@ class TodoContract:
 
     @pytest.mark.parametrize(
         "query",
-        ["limit=0", "limit=1001", "limit=-1", "limit=abc", "limit=1.5", "offset=-1",
-         "offset=x", "limit=", "offset=99999999999999999999999"],
+        [
+            "limit=0",
+            "limit=1001",
+            "limit=-1",
+            "limit=abc",
+            "limit=1.5",
+            "offset=-1",
+            "offset=x",
+            "limit=",
+            "offset=99999999999999999999999",
+        ],
     )
     async def test_bad_paging_is_4xx(self, client: httpx.AsyncClient, query: str) -> None:
         """Paging values out of range or not integers are a 4xx with a JSON detail."""
@@ -193,7 +202,9 @@ class TodoContract:
         """Ids that match no todo, however large, are a 404 with a JSON detail."""
         for todo_id in ("1", "2147483647", "2147483648", "99999999999999999999999"):
             self.assert_error(await client.get(f"/todos/{todo_id}"), 404, 422)
-            self.assert_error(await client.patch(f"/todos/{todo_id}", json={"done": True}), 404, 422)
+            self.assert_error(
+                await client.patch(f"/todos/{todo_id}", json={"done": True}), 404, 422
+            )
             self.assert_error(await client.delete(f"/todos/{todo_id}"), 404, 422)
 
     async def test_bad_patches_are_4xx_and_change_nothing(self, client: httpx.AsyncClient) -> None:

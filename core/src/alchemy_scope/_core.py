@@ -21,6 +21,17 @@ logger = logging.getLogger("alchemy_scope")
 _current_scope: ContextVar[Scope | None] = ContextVar("alchemy_scope.current_scope", default=None)
 
 
+class _Policies:
+    """What the commit policies of every Database in this process need from the middleware."""
+
+    # Set once any Database commits by policy: only then must the middleware watch the
+    # response (its status, and the moment it starts) to commit before the client hears.
+    autocommit = False
+
+
+policies = _Policies()
+
+
 class Scope:
     """One unit of work (a request, a websocket connection, a job) and the sessions opened in it.
 
@@ -36,15 +47,14 @@ class Scope:
             instead of raising ``ConcurrentSessionUseError``.
     """
 
-    __slots__ = ("_opened", "_replaced_response", "closed", "failed", "serialize", "status")
-
-    def __init__(self, *, serialize: bool = False) -> None:
-        self._opened: list[tuple[Database, ScopedSession]] = []
-        self._replaced_response = False
-        self.closed = False
-        self.failed = False
-        self.serialize = serialize
-        self.status: int | None = None
+    # Class-level defaults keep opening a scope to one small allocation: a request that never
+    # touches the database sets no attribute beyond these.
+    _opened: list[tuple[Database, ScopedSession]] | tuple[()] = ()
+    _replaced_response = False
+    closed = False
+    failed = False
+    serialize = False
+    status: int | None = None
 
     @property
     def sessions(self) -> tuple[AsyncSession, ...]:
@@ -69,7 +79,7 @@ class Scope:
         Every session is ended even when an earlier one fails; the first error is raised.
         """
         error: Exception | None = None
-        opened, self._opened = self._opened, []
+        opened, self._opened = self._opened, ()
         for database, session in opened:
             try:
                 if session._alchemy_owner is not None:  # a task still uses it: let it finish
@@ -90,10 +100,15 @@ class Scope:
             raise error
 
     async def _end(self) -> None:
-        """Close the scope and end its sessions, finishing that work even if we are cancelled."""
-        self.closed = True
+        """End the sessions of a closed scope, finishing even if the caller is cancelled."""
+        await _run_to_completion(self._finish)
+
+    def _add(self, database: Database, session: ScopedSession) -> None:
+        """Record a session opened in this scope."""
         if self._opened:
-            await _run_to_completion(self._finish)
+            self._opened.append((database, session))  # type: ignore[union-attr]
+        else:
+            self._opened = [(database, session)]
 
 
 async def commit_or_discard(session: AsyncSession) -> None:
@@ -175,10 +190,12 @@ class ScopeBlock:
         tb: TracebackType | None,
     ) -> None:
         current = self._scope
+        current.closed = True
         if exc_type is not None:
             current.failed = True
         try:
-            await current._end()
+            if current._opened:
+                await current._end()
         finally:
             _current_scope.reset(self._token)
 
@@ -198,7 +215,10 @@ def scope(*, serialize: bool = False) -> ScopeBlock:
     Returns:
         An async context manager that yields the new :class:`Scope`.
     """
-    return ScopeBlock(Scope(serialize=serialize))
+    current = Scope()
+    if serialize:
+        current.serialize = True
+    return ScopeBlock(current)
 
 
 def current_scope() -> Scope:

@@ -15,7 +15,15 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ._core import Scope, ScopeBlock, _current_scope, _open_scope_key, commit_or_discard, scope
+from ._core import (
+    Scope,
+    ScopeBlock,
+    _current_scope,
+    _open_scope_key,
+    commit_or_discard,
+    policies,
+    scope,
+)
 from ._errors import ConcurrentSessionUseError, ScopeClosedError
 
 if TYPE_CHECKING:
@@ -174,6 +182,8 @@ class Database:
         self.commit_policy: CommitPolicy = commit
         self.commit_on_redirect = commit_on_redirect
         self._autocommit = commit == "autocommit"
+        if self._autocommit:
+            policies.autocommit = True
         self.sessionmaker: async_sessionmaker[ScopedSession] = async_sessionmaker(
             self.engine, **options
         )
@@ -219,7 +229,7 @@ class Database:
         session._alchemy_scope = current
         if current.serialize:
             session._alchemy_lock = asyncio.Lock()
-        current._opened.append((self, session))
+        current._add(self, session)
         return session
 
     def _commits(self, status: int | None) -> bool:

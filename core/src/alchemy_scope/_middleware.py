@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ._core import Scope, _current_scope, logger
+from ._core import Scope, _current_scope, logger, policies
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -46,29 +46,48 @@ class ScopeMiddleware:
         self.serialize = serialize
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" and scope["type"] != "websocket":
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        current = Scope(serialize=self.serialize)
+        current = Scope()  # cheap: no session and no connection until db.session is read
+        if self.serialize:
+            current.serialize = True
         token = _current_scope.set(current)
-
-        async def send_in_scope(message: Message) -> None:
-            if (current._opened or current._replaced_response) and not await _before_send(
-                current, message, send
-            ):
-                return
-            await send(message)
-
+        watching = policies.autocommit
         try:
-            await self.app(scope, receive, send_in_scope)
+            if watching:
+                await self.app(scope, receive, _watching_send(current, send))
+            else:  # manual commits only: nothing to do before the response is sent
+                await self.app(scope, receive, send)
         except BaseException:
             current.failed = True
             raise
+        else:
+            if watching and current.status is None and kind == "http":
+                current.failed = True  # the app returned without a response: not a success
         finally:
-            try:
-                await current._end()
-            finally:
+            current.closed = True
+            if current._opened:
+                try:
+                    await current._end()
+                finally:
+                    _current_scope.reset(token)
+            else:
                 _current_scope.reset(token)
+
+
+def _watching_send(current: Scope, send: Send) -> Send:
+    """Wrap ``send`` to learn the response status and commit before the client hears of it."""
+
+    async def send_in_scope(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            current.status = message["status"]
+        if current._opened and not await _before_send(current, message, send):
+            return
+        await send(message)
+
+    return send_in_scope
 
 
 async def _before_send(current: Scope, message: Message, send: Send) -> bool:
@@ -81,7 +100,6 @@ async def _before_send(current: Scope, message: Message, send: Send) -> bool:
         return False
     kind = message["type"]
     if kind == "http.response.start":
-        current.status = message["status"]
         try:
             await current._commit_due()
         except Exception:
