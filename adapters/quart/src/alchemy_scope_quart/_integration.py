@@ -1,0 +1,99 @@
+"""A Quart extension: a scope per request and websocket, disposal at shutdown, scoped jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from quart import Quart, current_app
+
+from alchemy_scope import Database, ScopeMiddleware, dispose_all, scope
+
+EXTENSION_NAME = "alchemy_scope"
+
+
+class AlchemyScope:
+    """Give every request and websocket of a Quart app its own scope; dispose engines at exit.
+
+    Use it like any Flask-style extension, either at once or from an app factory::
+
+        alchemy = AlchemyScope(app, db)
+        # or
+        alchemy = AlchemyScope()
+        alchemy.init_app(app, db)
+
+    The scope wraps ``app.asgi_app``, outside Quart itself, so it stays open while a streamed
+    body is sent, covers a whole websocket connection, and ends after Quart's own
+    ``teardown_*`` functions. The engines are disposed in an ``after_serving`` function, which
+    Quart runs after its background tasks have finished.
+
+    Args:
+        app: The app to install into now, or ``None`` to call :meth:`init_app` later.
+        *databases: Databases to dispose when every app this extension is installed in shuts
+            down. (A scope covers every ``Database`` whether it is listed or not.)
+        serialize: Let tasks that share a request's session wait for each other instead of
+            raising ``ConcurrentSessionUseError``.
+    """
+
+    def __init__(
+        self, app: Quart | None = None, *databases: Database, serialize: bool = False
+    ) -> None:
+        self.databases = databases
+        self.serialize = serialize
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Quart, *databases: Database) -> None:
+        """Install the extension in ``app``, before it starts serving.
+
+        Args:
+            app: The Quart application.
+            *databases: Databases to dispose when ``app`` shuts down, besides those given to
+                the constructor.
+
+        Raises:
+            TypeError: A ``Database`` was given where the app belongs.
+            RuntimeError: An ``AlchemyScope`` is already installed in ``app``.
+        """
+        if isinstance(app, Database):
+            raise TypeError(
+                "AlchemyScope takes the Quart app first, then the databases: "
+                "AlchemyScope(app, db), or AlchemyScope() and later alchemy.init_app(app, db)."
+            )
+        if EXTENSION_NAME in app.extensions:
+            raise RuntimeError(
+                "An AlchemyScope is already installed in this app; a second one would nest "
+                "scopes and dispose engines twice. Install one and give it every Database: "
+                "AlchemyScope(app, db, other_db)."
+            )
+        app.extensions[EXTENSION_NAME] = self
+        middleware = ScopeMiddleware(app.asgi_app, serialize=self.serialize)  # type: ignore[arg-type]
+        app.asgi_app = middleware  # type: ignore[assignment,method-assign]
+        to_dispose = (*self.databases, *databases)
+
+        async def dispose_databases() -> None:
+            await dispose_all(to_dispose)
+
+        app.after_serving(dispose_databases)
+
+    def add_background_task(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``func(*args, **kwargs)`` as a Quart background task, in a scope of its own.
+
+        Quart's ``app.add_background_task`` runs work that outlives the request, in a task
+        that still names the request's scope: once the request has ended, ``db.session`` there
+        raises ``ScopeClosedError``. Tasks added here get their own session instead, committed
+        (by its database's policy) and closed when ``func`` returns. Like Quart's own method,
+        it needs an app context (any view, websocket or ``before_serving`` function has one),
+        and the app waits for the task before it shuts down.
+
+        Args:
+            func: The coroutine function to run (like Quart, a sync one runs in a thread).
+            *args: Positional arguments for ``func``.
+            **kwargs: Keyword arguments for ``func``.
+        """
+
+        async def run_in_own_scope() -> None:  # Quart runs it in an app context of its own
+            async with scope(serialize=self.serialize):
+                await current_app.ensure_async(func)(*args, **kwargs)
+
+        current_app.add_background_task(run_in_own_scope)

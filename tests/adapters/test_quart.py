@@ -1,0 +1,250 @@
+"""alchemy-scope-quart: the shared scenarios in production and testing mode, plus Quart's own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from functools import partial
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+from quart import Quart, Response, abort, request, websocket
+from quart.signals import got_background_exception
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from alchemy_scope import Database, ScopeClosedError
+from alchemy_scope_quart import AlchemyScope
+
+from ..conftest import MakeDatabase
+from ..models import Item
+from ..servers import hypercorn_server
+from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, registry
+from .scenarios import AdapterScenarios, asgi_client
+
+
+def make_quart_app(
+    db: Database, *, testing: bool = False, alchemy: AlchemyScope | None = None
+) -> Quart:
+    """The scenario routes as a Quart app, installed as the README shows.
+
+    Args:
+        db: The database the routes use.
+        testing: Quart's testing mode, in which exceptions propagate out of the views.
+        alchemy: An extension to install with ``init_app``; by default a new one is made with
+            ``AlchemyScope(app, db)``.
+    """
+    app = Quart(__name__)
+    app.testing = testing
+    if alchemy is None:
+        alchemy = AlchemyScope(app, db)
+    else:
+        alchemy.init_app(app, db)
+
+    def helper_a() -> AsyncSession:
+        return db.session
+
+    def helper_b() -> AsyncSession:
+        return db.session
+
+    @app.get("/ping")
+    async def ping() -> str:
+        return "pong"
+
+    @app.post("/items/<name>")
+    async def create_item(name: str) -> tuple[dict[str, int], int]:
+        db.session.add(Item(name=name))
+        await db.session.flush()
+        if request.args.get("commit") == "1":
+            await db.session.commit()
+        return {"session": id(db.session)}, int(request.args.get("status", "201"))
+
+    @app.post("/items/<name>/fail")
+    async def fail(name: str) -> str:
+        db.session.add(Item(name=name))
+        await db.session.flush()
+        raise RuntimeError("handler failed")
+
+    @app.get("/identity")
+    async def identity() -> dict[str, Any]:
+        first = helper_a()
+        await asyncio.sleep(0.05)
+        same = first is helper_b() is db.session
+        return {"same": same, "session": id(first)}
+
+    @app.get("/stream")
+    async def stream() -> Response:
+        count = int(request.args.get("n", "3"))
+        delay = float(request.args.get("delay", "0"))
+
+        async def lines() -> AsyncIterator[str]:
+            for _ in range(count):
+                items = await db.session.scalar(select(func.count()).select_from(Item))
+                yield f"{id(db.session)} {items}\n"
+                await asyncio.sleep(delay)
+
+        return Response(lines(), mimetype="text/plain")
+
+    @app.post("/background/<name>")
+    async def background(name: str) -> tuple[str, int]:
+        request_session = db.session
+
+        async def job() -> None:
+            suffix = "same" if db.session is request_session else "own"
+            db.session.add(Item(name=f"{name}-{suffix}"))
+            await db.session.commit()
+
+        alchemy.add_background_task(job)
+        return "", 202
+
+    @app.post("/orphan")
+    async def orphan() -> tuple[dict[str, bool], int]:
+        add_write_that_fails_at_commit(db.session)
+        await db.session.flush()
+        return {"created": True}, 201
+
+    @app.websocket("/ws")
+    async def ws() -> None:
+        while True:
+            name = await websocket.receive()
+            db.session.add(Item(name=name))
+            await db.session.commit()
+            await websocket.send(str(id(db.session)))
+
+    return app
+
+
+class TestQuart(AdapterScenarios):
+    """Production mode: Quart turns an exception into its 500 before the middleware sees it."""
+
+    make_app = staticmethod(make_quart_app)
+    background_in_request_scope = False
+    serve = staticmethod(hypercorn_server)
+
+
+class TestQuartTesting(AdapterScenarios):
+    """Testing mode: the exception leaves the view and Quart answers a traceback 500."""
+
+    make_app = staticmethod(partial(make_quart_app, testing=True))
+    background_in_request_scope = False
+    serve = staticmethod(hypercorn_server)
+
+
+# Which setting lets a view's exception out of app.asgi_app (instead of Quart's traceback 500)
+# changed with pallets/quart#383: testing mode up to 0.20, PROPAGATE_EXCEPTIONS from 0.21 on.
+QUART_PROPAGATES_BY_CONFIG = tuple(int(part) for part in version("quart").split(".")[:2]) >= (0, 21)
+
+
+async def test_an_exception_that_leaves_quart_rolls_back(autocommit_db: Database) -> None:
+    """A view's exception that reaches the middleware (no status seen) commits nothing."""
+    app = make_quart_app(autocommit_db, testing=not QUART_PROPAGATES_BY_CONFIG)
+    if QUART_PROPAGATES_BY_CONFIG:
+        app.config["PROPAGATE_EXCEPTIONS"] = True
+    with pytest.raises(RuntimeError, match="handler failed"):
+        await app.test_client().post("/items/doomed/fail")
+    assert await item_names(autocommit_db) == []
+    async with asgi_client(app) as client:
+        assert (await client.post("/items/doomed/fail")).status_code == 500
+    assert await item_names(autocommit_db) == []
+
+
+async def test_abort_after_a_write_rolls_back_with_autocommit(autocommit_db: Database) -> None:
+    """abort(404) after a flushed write: the 404 reaches the client and nothing is committed."""
+    app = make_quart_app(autocommit_db)
+
+    @app.post("/items/<name>/abort")
+    async def add_then_abort(name: str) -> str:
+        autocommit_db.session.add(Item(name=name))
+        await autocommit_db.session.flush()
+        abort(404)
+
+    async with asgi_client(app) as client:
+        assert (await client.post("/items/gone/abort")).status_code == 404
+        assert (await client.post("/items/kept")).status_code == 201
+    assert await item_names(autocommit_db) == ["kept"]
+
+
+async def test_test_app_runs_after_serving_which_disposes_after_background_tasks(
+    db: Database,
+) -> None:
+    """app.test_app(): shutdown waits for scoped background jobs, then disposes the engine."""
+    app = make_quart_app(db)
+
+    @app.post("/slow-background")
+    async def slow_background() -> tuple[str, int]:
+        async def job() -> None:
+            await asyncio.sleep(0.2)
+            db.session.add(Item(name="late"))
+            await db.session.commit()
+
+        app.extensions["alchemy_scope"].add_background_task(job)
+        return "", 202
+
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        assert (await client.post("/items/early?commit=1")).status_code == 201
+        assert (await client.post("/slow-background")).status_code == 202
+        assert db.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert await item_names(db) == ["early", "late"]
+
+
+async def test_init_app_installs_one_extension_in_several_apps(make_db: MakeDatabase) -> None:
+    """An app factory's shared AlchemyScope serves each app and disposes only that app's db."""
+    alchemy = AlchemyScope()
+    first_db, second_db = make_db(), make_db()
+    first = make_quart_app(first_db, alchemy=alchemy)
+    second = make_quart_app(second_db, alchemy=alchemy)
+    async with asgi_client(first) as first_client:
+        async with asgi_client(second) as second_client:
+            assert (await second_client.post("/items/second?commit=1")).status_code == 201
+            assert (await second_client.post("/background/job")).status_code == 202
+        assert second_db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+        assert (await first_client.post("/items/first?commit=1")).status_code == 201
+        assert first_db.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    assert first_db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert await item_names(first_db) == ["second", "job-own", "first"]
+
+
+def test_installing_twice_in_one_app_is_refused(db: Database) -> None:
+    """A second AlchemyScope in one app raises and says to pass every Database to one."""
+    app = make_quart_app(db)
+    with pytest.raises(RuntimeError, match=r"AlchemyScope\(app, db, other_db\)"):
+        AlchemyScope(app, db)
+
+
+def test_a_database_in_place_of_the_app_is_refused(db: Database) -> None:
+    """AlchemyScope(db) raises a TypeError that shows the app-first call."""
+    with pytest.raises(TypeError, match=r"AlchemyScope\(app, db\)"):
+        AlchemyScope(db)  # type: ignore[arg-type]
+
+
+async def test_plain_add_background_task_fails_loudly_and_leaks_nothing(db: Database) -> None:
+    """Quart's own add_background_task keeps the ended request scope: db.session raises."""
+    app = make_quart_app(db)
+    request_ended = asyncio.Event()
+    errors: list[Exception] = []
+
+    async def record(_app: Quart, exception: Exception) -> None:
+        errors.append(exception)
+
+    @app.post("/plain-background")
+    async def plain_background() -> tuple[str, int]:
+        async def job() -> None:
+            await request_ended.wait()
+            db.session.add(Item(name="never written"))
+            await db.session.commit()
+
+        app.add_background_task(job)
+        return "", 202
+
+    with got_background_exception.connected_to(record, app):
+        async with asgi_client(app) as client:
+            assert (await client.post("/plain-background")).status_code == 202
+            request_ended.set()
+    assert len(errors) == 1
+    assert isinstance(errors[0], ScopeClosedError)
+    assert registry(db) == {}
+    await assert_no_leaks(db)
+    assert await item_names(db) == []
