@@ -1,8 +1,11 @@
 """alchemy-scope-fastapi: the shared scenarios, plus what is FastAPI's own."""
 
 import asyncio
+import importlib
+import sys
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated
 
 import httpx
@@ -18,7 +21,12 @@ from alchemy_scope_fastapi import NotInstalledError, SessionDep, install, sessio
 
 from ..conftest import MakeDatabase
 from ..models import Item
-from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names
+from ..support import (
+    add_write_that_fails_at_commit,
+    assert_no_leaks,
+    item_names,
+    readme_code,
+)
 from .scenarios import AdapterScenarios, asgi_client
 
 
@@ -266,3 +274,22 @@ async def test_a_mounted_sub_app_uses_session_dependency(db: Database) -> None:
         with pytest.raises(NotInstalledError):
             await client.get("/sub/implicit")
     await assert_no_leaks(db)
+
+
+async def test_the_readme_app_works_when_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's app, saved as a module, writes with SessionDep and reads with db.session."""
+    # Imported as a real module, as uvicorn would: declarative models resolve their Mapped[...]
+    # annotations through sys.modules, which exec() of the code alone does not provide.
+    monkeypatch.chdir(tmp_path)  # its SQLite file lands where a user would run it
+    monkeypatch.syspath_prepend(tmp_path)
+    (tmp_path / "readme_notes_app.py").write_text(readme_code("adapters/fastapi/README.md"))
+    try:
+        readme_app = importlib.import_module("readme_notes_app")
+        async with asgi_client(readme_app.app) as client:
+            assert (await client.post("/notes?text=hello")).json() == {"id": 1}
+            assert (await client.get("/notes")).json() == ["hello"]
+            await assert_no_leaks(readme_app.db)
+    finally:
+        sys.modules.pop("readme_notes_app", None)
