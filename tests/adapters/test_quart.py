@@ -9,10 +9,13 @@ from importlib.metadata import version
 from typing import Any
 
 import pytest
-from quart import Quart, Response, abort, request, websocket
+from quart import Quart, Response, abort, redirect, request, websocket
 from quart.signals import got_background_exception
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from werkzeug.exceptions import InternalServerError
 
 from alchemy_scope import Database, ScopeClosedError
 from alchemy_scope_quart import AlchemyScope
@@ -25,7 +28,11 @@ from .scenarios import AdapterScenarios, asgi_client
 
 
 def make_quart_app(
-    db: Database, *, testing: bool = False, alchemy: AlchemyScope | None = None
+    db: Database,
+    *,
+    testing: bool = False,
+    alchemy: AlchemyScope | None = None,
+    serialize: bool = False,
 ) -> Quart:
     """The scenario routes as a Quart app, installed as the README shows.
 
@@ -33,12 +40,13 @@ def make_quart_app(
         db: The database the routes use.
         testing: Quart's testing mode, in which exceptions propagate out of the views.
         alchemy: An extension to install with ``init_app``; by default a new one is made with
-            ``AlchemyScope(app, db)``.
+            ``AlchemyScope(app, db, serialize=serialize)``.
+        serialize: The ``serialize`` option of that new extension.
     """
     app = Quart(__name__)
     app.testing = testing
     if alchemy is None:
-        alchemy = AlchemyScope(app, db)
+        alchemy = AlchemyScope(app, db, serialize=serialize)
     else:
         alchemy.init_app(app, db)
 
@@ -212,6 +220,63 @@ def test_installing_twice_in_one_app_is_refused(db: Database) -> None:
     app = make_quart_app(db)
     with pytest.raises(RuntimeError, match=r"AlchemyScope\(app, db, other_db\)"):
         AlchemyScope(app, db)
+
+
+@pytest.mark.parametrize("testing", [False, True], ids=["production", "testing"])
+async def test_a_websocket_handler_that_raises_rolls_back(
+    autocommit_db: Database, testing: bool
+) -> None:
+    """Quart closes a failed websocket normally (code 1000), yet its writes are rolled back."""
+    db = autocommit_db
+    app = make_quart_app(db, testing=testing)
+
+    @app.websocket("/ws-fail")
+    async def ws_fail() -> None:
+        name = await websocket.receive()
+        db.session.add(Item(name=name))
+        await db.session.flush()
+        await websocket.send("flushed")
+        raise RuntimeError("websocket handler failed")
+
+    async with hypercorn_server(app) as url:
+        async with connect(url.replace("http://", "ws://") + "/ws-fail") as client:
+            await client.send("doomed")
+            assert await client.recv() == "flushed"
+            with pytest.raises(ConnectionClosed):
+                await client.recv()
+        await assert_no_leaks(db)
+    assert await item_names(db) == []
+
+
+async def test_an_error_handler_that_hides_the_500_still_rolls_back(
+    autocommit_db: Database,
+) -> None:
+    """A view that raised is rolled back even when an error handler answers a redirect."""
+    app = make_quart_app(autocommit_db)
+
+    @app.errorhandler(InternalServerError)
+    async def to_apology(_error: InternalServerError) -> Response:
+        return redirect("/ping")
+
+    async with asgi_client(app) as client:
+        assert (await client.post("/items/doomed/fail")).status_code == 302
+    assert await item_names(autocommit_db) == []
+
+
+async def test_serialize_lets_tasks_of_a_request_take_turns(db: Database) -> None:
+    """serialize=True: two tasks of one request wait for each other; by default that is a 500."""
+    outcomes = []
+    for serialize in (False, True):
+        app = make_quart_app(db, serialize=serialize)
+
+        @app.get("/gather")
+        async def gather() -> dict[str, list[int]]:
+            results = await asyncio.gather(*(db.session.scalar(select(n)) for n in (1, 2)))
+            return {"results": list(results)}
+
+        async with asgi_client(app) as client:
+            outcomes.append((await client.get("/gather")).status_code)
+    assert outcomes == [500, 200]
 
 
 def test_a_database_in_place_of_the_app_is_refused(db: Database) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from quart import Quart, current_app
+from quart.signals import got_request_exception, got_websocket_exception
 
-from alchemy_scope import Database, ScopeMiddleware, dispose_all, scope
+from alchemy_scope import Database, NoScopeError, ScopeMiddleware, current_scope, dispose_all, scope
 
 EXTENSION_NAME = "alchemy_scope"
 
@@ -24,8 +26,9 @@ class AlchemyScope:
 
     The scope wraps ``app.asgi_app``, outside Quart itself, so it stays open while a streamed
     body is sent, covers a whole websocket connection, and ends after Quart's own
-    ``teardown_*`` functions. The engines are disposed in an ``after_serving`` function, which
-    Quart runs after its background tasks have finished.
+    ``teardown_*`` functions. A view or websocket that raises fails its scope (nothing is
+    committed) even when Quart answers the exception itself. The engines are disposed in an
+    ``after_serving`` function, which Quart runs after its background tasks have finished.
 
     Args:
         app: The app to install into now, or ``None`` to call :meth:`init_app` later.
@@ -69,6 +72,10 @@ class AlchemyScope:
         app.extensions[EXTENSION_NAME] = self
         middleware = ScopeMiddleware(app.asgi_app, serialize=self.serialize)  # type: ignore[arg-type]
         app.asgi_app = middleware  # type: ignore[assignment,method-assign]
+        # Quart turns an exception into its own answer (a 500, an error handler's response, a
+        # websocket closed with code 1000), so the middleware may never see it: these signals do.
+        got_request_exception.connect(fail_current_scope, app)
+        got_websocket_exception.connect(fail_current_scope, app)
         to_dispose = (*self.databases, *databases)
 
         async def dispose_databases() -> None:
@@ -97,3 +104,9 @@ class AlchemyScope:
                 await current_app.ensure_async(func)(*args, **kwargs)
 
         current_app.add_background_task(run_in_own_scope)
+
+
+async def fail_current_scope(_app: Quart, **_signal_data: Any) -> None:
+    """Mark the scope of the failed request or websocket as failed, so nothing is committed."""
+    with suppress(NoScopeError):  # the app was called directly, not through its asgi_app
+        current_scope().failed = True
