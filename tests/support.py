@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sys
+import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -161,6 +163,7 @@ def readme_code(path: str, index: int = 0) -> str:
 
 def run_readme_app(path: str, index: int = 0) -> dict[str, Any]:
     """Run a README's example app as a user would after copying it; return its globals."""
-    namespace: dict[str, Any] = {"__name__": "readme_app"}
-    exec(compile(readme_code(path, index), path, "exec"), namespace)
-    return namespace
+    module = types.ModuleType("readme_app")
+    sys.modules["readme_app"] = module  # declarative models resolve Mapped[...] through it
+    exec(compile(readme_code(path, index), path, "exec"), module.__dict__)
+    return module.__dict__

@@ -20,7 +20,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from alchemy_scope import Database
-from alchemy_scope_starlette import install
+from alchemy_scope_starlette import AlreadyInstalledError, install
 
 from ..models import Item
 from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, run_readme_app
@@ -159,10 +159,16 @@ async def test_other_middleware_runs_inside_the_scope(db: Database) -> None:
     assert await item_names(db) == ["audited"]
 
 
+def test_install_twice_raises_a_clear_error(db: Database) -> None:
+    """A second install() on one app raises AlreadyInstalledError saying to pass every db once."""
+    app = make_starlette_app(db)
+    with pytest.raises(AlreadyInstalledError, match=r"install\(app, db, other_db\)"):
+        install(app, db)
+
+
 def test_install_after_startup_fails_with_starlettes_error(db: Database) -> None:
     """install() on an app whose middleware stack is built raises instead of doing nothing."""
-    app = make_starlette_app(db)
-    app.build_middleware_stack()
+    app = Starlette()
     app.middleware_stack = app.build_middleware_stack()
     with pytest.raises(RuntimeError):
         install(app, db)

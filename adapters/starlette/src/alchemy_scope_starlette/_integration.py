@@ -8,10 +8,20 @@ from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 
-from alchemy_scope import Database, ScopeMiddleware, dispose_all
+from alchemy_scope import AlchemyScopeError, Database, ScopeMiddleware, dispose_all
 
 AppT = TypeVar("AppT")
 Lifespan = Callable[[AppT], AbstractAsyncContextManager[Any]]
+
+
+class AlreadyInstalledError(AlchemyScopeError):
+    """``install()`` was called twice on one app."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "alchemy-scope is already installed on this app: call install() once, with every "
+            "database: `install(app, db, other_db)`."
+        )
 
 
 def install(app: Starlette, *databases: Database, serialize: bool = False) -> None:
@@ -26,6 +36,8 @@ def install(app: Starlette, *databases: Database, serialize: bool = False) -> No
         serialize: Let tasks of one request that share its session wait for each other
             instead of raising ``ConcurrentSessionUseError``.
     """
+    if any(middleware.cls is ScopeMiddleware for middleware in app.user_middleware):
+        raise AlreadyInstalledError()
     app.add_middleware(ScopeMiddleware, serialize=serialize)
     app.router.lifespan_context = lifespan_disposing(app.router.lifespan_context, *databases)
 
