@@ -106,7 +106,7 @@ class Scope:
     def _add(self, database: Database, session: ScopedSession) -> None:
         """Record a session opened in this scope."""
         if self._opened:
-            self._opened.append((database, session))  # type: ignore[union-attr]
+            self._opened.append((database, session))
         else:
             self._opened = [(database, session)]
 

@@ -36,7 +36,8 @@ def install(app: Starlette, *databases: Database, serialize: bool = False) -> No
         serialize: Let tasks of one request that share its session wait for each other
             instead of raising ``ConcurrentSessionUseError``.
     """
-    if any(middleware.cls is ScopeMiddleware for middleware in app.user_middleware):
+    installed: list[object] = [middleware.cls for middleware in app.user_middleware]
+    if ScopeMiddleware in installed:
         raise AlreadyInstalledError()
     app.add_middleware(ScopeMiddleware, serialize=serialize)
     app.router.lifespan_context = lifespan_disposing(app.router.lifespan_context, *databases)
