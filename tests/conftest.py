@@ -23,6 +23,8 @@ from .support import (
     leg_id,
 )
 
+pytest_plugins = ["pytester"]
+
 MakeDatabase = Callable[..., Database]
 
 

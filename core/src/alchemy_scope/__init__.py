@@ -17,6 +17,7 @@ from ._errors import (
     ConcurrentSessionUseError,
     NoScopeError,
     ScopeClosedError,
+    SharedConnectionBusyError,
 )
 from ._middleware import ScopeMiddleware
 
@@ -31,6 +32,7 @@ __all__ = [
     "ScopeClosedError",
     "ScopeMiddleware",
     "ScopedSession",
+    "SharedConnectionBusyError",
     "current_scope",
     "dispose_all",
     "scope",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -50,11 +50,19 @@ class Scope:
     # Class-level defaults keep opening a scope to one small allocation: a request that never
     # touches the database sets no attribute beyond these.
     _opened: list[tuple[Database, ScopedSession]] | tuple[()] = ()
+    _token: Token[Scope | None] | None = None  # how it was entered: its .old_value is the parent
     _replaced_response = False
     closed = False
     failed = False
     serialize = False
     status: int | None = None
+
+    @property
+    def parent(self) -> Scope | None:
+        """The scope that was current where this one was opened, if any."""
+        token = self._token
+        parent: object = None if token is None else token.old_value
+        return parent if isinstance(parent, Scope) else None
 
     @property
     def sessions(self) -> tuple[AsyncSession, ...]:
@@ -81,9 +89,12 @@ class Scope:
         error: Exception | None = None
         opened, self._opened = self._opened, ()
         for database, session in opened:
+            binding = session._alchemy_binding
             try:
                 if session._alchemy_owner is not None:  # a task still uses it: let it finish
                     await session._alchemy_wait_idle()
+                if binding is not None:
+                    await binding.take_turn(session)
                 if not self.failed and database._commits(self.status) and session.in_transaction():
                     await commit_or_discard(session)
             except Exception as exc:
@@ -96,6 +107,8 @@ class Scope:
                     await _invalidate_quietly(session)
                 finally:
                     database._forget(self)
+                    if binding is not None:
+                        binding.leave(session)
         if error is not None:
             raise error
 
@@ -124,7 +137,8 @@ async def commit_or_discard(session: AsyncSession) -> None:
     try:
         await AsyncSession.commit(session)
     except BaseException:
-        await AsyncSession.invalidate(session)
+        if getattr(session, "_alchemy_binding", None) is None:  # never a connection we share
+            await AsyncSession.invalidate(session)
         raise
 
 
@@ -180,7 +194,7 @@ class ScopeBlock:
         self._scope = scope
 
     async def __aenter__(self) -> Scope:
-        self._token = _current_scope.set(self._scope)
+        self._token = self._scope._token = _current_scope.set(self._scope)
         return self._scope
 
     async def __aexit__(

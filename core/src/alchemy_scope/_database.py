@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_scoped_session,
@@ -24,10 +26,11 @@ from ._core import (
     policies,
     scope,
 )
-from ._errors import ConcurrentSessionUseError, ScopeClosedError
+from ._errors import AlchemyScopeError, ConcurrentSessionUseError, ScopeClosedError
+from ._shared import SharedConnection
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Coroutine, Iterator
 
 CommitPolicy = Literal["manual", "autocommit"]
 """``manual``: the app commits, the rest is rolled back. ``autocommit``: commit on success."""
@@ -46,6 +49,7 @@ class ScopedSession(AsyncSession):
     _alchemy_running: str | None = None
     _alchemy_lock: asyncio.Lock | None = None
     _alchemy_idle: asyncio.Future[None] | None = None
+    _alchemy_binding: SharedConnection | None = None  # set while its Database is bound_to()
 
     async def _alchemy_wait_idle(self) -> None:
         """Wait until the operation another task is running on this session has returned."""
@@ -104,9 +108,14 @@ def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
     ) -> Any:
         self._alchemy_owner = task
         self._alchemy_running = name
+        binding = self._alchemy_binding
         try:
+            if binding is not None:
+                await binding.take_turn(self)
             return await unguarded(self, *args, **kwargs)
         finally:
+            if binding is not None:
+                binding.done(self)
             self._alchemy_owner = None
             self._alchemy_running = None
             idle = self._alchemy_idle
@@ -194,6 +203,7 @@ class Database:
         registry.createfunc = self._open_session
         self._sessions_by_scope: dict[Scope, ScopedSession] = registry.registry
         self._current_session: Callable[[], ScopedSession] = registry
+        self._shared: SharedConnection | None = None
 
     @property
     def session(self) -> AsyncSession:
@@ -204,6 +214,50 @@ class Database:
             ScopeClosedError: The scope this code runs in has already ended.
         """
         return self._current_session()
+
+    @contextmanager
+    def bound_to(
+        self, connection: AsyncConnection, *, timeout: float = 10.0
+    ) -> Iterator[AsyncConnection]:
+        """Make every session opened in the block use ``connection``, joining its transaction.
+
+        This is how tests run an app inside one transaction that is rolled back at the end
+        (the pytest fixtures of ``alchemy_scope.pytest_plugin`` use it): begin a transaction
+        on ``connection``, bind, and every session the code under test opens joins it through
+        a SAVEPOINT (``join_transaction_mode="create_savepoint"``). What the app commits is
+        released into the outer transaction, what it rolls back is rolled back to its
+        savepoint, and nothing reaches the database once the outer transaction rolls back.
+
+        Sessions take turns on the connection: one operation at a time, savepoints ended in
+        the reverse order they began. A scope nested in another (a request sent from the test
+        body through an in-process client) goes ahead of the enclosing one; scopes side by
+        side (concurrent requests) wait for each other's transaction to end.
+
+        Args:
+            connection: An ``AsyncConnection`` of this database, usually in a transaction.
+            timeout: How long a session waits for its turn before
+                ``SharedConnectionBusyError`` says which session holds the connection.
+
+        Yields:
+            ``connection``.
+
+        Raises:
+            AlchemyScopeError: The database is already bound to a connection.
+        """
+        if self._shared is not None:
+            raise AlchemyScopeError(
+                f"{self!r} is already bound to a connection: leave the first bound_to() "
+                "block before entering another."
+            )
+        saved = dict(self.sessionmaker.kw)
+        self.sessionmaker.configure(bind=connection, join_transaction_mode="create_savepoint")
+        self._shared = SharedConnection(connection, timeout)
+        try:
+            yield connection
+        finally:
+            self._shared = None
+            self.sessionmaker.kw.clear()
+            self.sessionmaker.kw.update(saved)
 
     def scope(self, *, serialize: bool = False) -> ScopeBlock:
         """Open a scope by hand; the same as :func:`alchemy_scope.scope`.
@@ -227,6 +281,8 @@ class Database:
         assert current is not None  # _open_scope_key() has just checked it
         session = self.sessionmaker()
         session._alchemy_scope = current
+        if self._shared is not None:
+            session._alchemy_binding = self._shared
         if current.serialize:
             session._alchemy_lock = asyncio.Lock()
         current._add(self, session)

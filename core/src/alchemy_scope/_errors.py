@@ -43,3 +43,18 @@ class ConcurrentSessionUseError(AlchemyScopeError):
             "runs one operation at a time: await the calls one after another, or give each "
             "concurrent branch its own session by wrapping it in `async with db.scope(): ...`."
         )
+
+
+class SharedConnectionBusyError(AlchemyScopeError):
+    """A session waited too long for its turn on a connection its Database shares (tests)."""
+
+    def __init__(self, timeout: float, holder: object) -> None:
+        super().__init__(
+            f"A session waited {timeout:g} s for its turn on the connection its Database is "
+            f"bound to (db.bound_to(), as in the alchemy-scope pytest fixtures), which a "
+            f"session of {holder!r} still holds in an open transaction. Sessions sharing one "
+            "connection take turns by transaction: commit or roll back that session (often "
+            "`await db.session.commit()` in the test body) before another scope needs the "
+            "database, and send requests through an in-process client (httpx.ASGITransport) "
+            "started inside the test, so their scopes nest inside the test's."
+        )

@@ -53,7 +53,7 @@ class ScopeMiddleware:
         current = Scope()  # cheap: no session and no connection until db.session is read
         if self.serialize:
             current.serialize = True
-        token = _current_scope.set(current)
+        token = current._token = _current_scope.set(current)
         watching = policies.autocommit
         try:
             if watching:

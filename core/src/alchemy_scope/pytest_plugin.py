@@ -1,0 +1,112 @@
+"""pytest fixtures: every test runs in one transaction that is rolled back when it ends.
+
+Installed with alchemy-scope as a ``pytest11`` plugin; it does nothing until a test asks for
+its fixtures. Tell it which database your app uses, in ``conftest.py``::
+
+    import pytest
+    from myapp import db
+
+    @pytest.fixture
+    def alchemy_database():
+        return db
+
+Then a test that requests ``alchemy_db`` (or ``alchemy_session``) runs inside a transaction
+on one connection: every session opened meanwhile (``db.session`` in the test, ``async with
+db.scope()`` blocks, the requests the test sends through the app) joins it through a
+SAVEPOINT, and it is rolled back at the end of the test, whatever the app committed.
+
+Fixtures:
+    alchemy_database: Override it: your app's ``Database``.
+    alchemy_connection: The test's ``AsyncConnection``, in the transaction rolled back at
+        the end.
+    alchemy_db: Your ``Database``, bound to that connection for the test.
+    alchemy_session: ``db.session`` of a scope opened for the test body, which can also use
+        ``db.session`` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from ._database import Database
+
+async_fixture: Callable[..., Any]
+try:  # pytest-asyncio runs async fixtures in strict mode as well as auto mode
+    from pytest_asyncio import fixture as async_fixture
+except ImportError:  # pragma: no cover - anyio's plugin runs plain async fixtures
+    async_fixture = pytest.fixture
+
+
+@pytest.fixture
+def alchemy_database() -> Database:
+    """Your app's ``Database``: override this fixture in your ``conftest.py``."""
+    raise pytest.UsageError(
+        "alchemy-scope's fixtures need your app's Database: define it in conftest.py as\n\n"
+        "    @pytest.fixture\n"
+        "    def alchemy_database():\n"
+        "        return db  # your app's alchemy_scope.Database\n"
+    )
+
+
+@async_fixture
+async def alchemy_connection(alchemy_database: Database) -> AsyncIterator[AsyncConnection]:
+    """One connection in a transaction that is rolled back when the test ends."""
+    async with (
+        alchemy_database.engine.connect() as connection,
+        rolled_back_transaction(connection),
+    ):
+        yield connection
+
+
+@asynccontextmanager
+async def rolled_back_transaction(connection: AsyncConnection) -> AsyncIterator[None]:
+    """Run the block in a transaction on ``connection`` that is rolled back at its end.
+
+    Sessions of a database ``bound_to(connection)`` nest SAVEPOINTs inside it. On SQLite the
+    sqlite3 driver begins transactions on its own and not before a SAVEPOINT: this takes that
+    over, as SQLAlchemy's documentation recommends, for the block's duration.
+    """
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        previous = await connection.run_sync(_set_driver_isolation, None)
+    try:
+        transaction = await connection.begin()
+        if sqlite:
+            await connection.exec_driver_sql("BEGIN")
+        try:
+            yield
+        finally:
+            await transaction.rollback()
+    finally:
+        if sqlite:
+            await connection.run_sync(_set_driver_isolation, previous)
+
+
+@async_fixture
+async def alchemy_db(
+    alchemy_database: Database, alchemy_connection: AsyncConnection
+) -> AsyncIterator[Database]:
+    """Your ``Database``, its sessions joining the test's transaction for the whole test."""
+    with alchemy_database.bound_to(alchemy_connection):
+        yield alchemy_database
+
+
+@async_fixture
+async def alchemy_session(alchemy_db: Database) -> AsyncIterator[AsyncSession]:
+    """``db.session`` in a scope opened for the test body."""
+    async with alchemy_db.scope():
+        yield alchemy_db.session
+
+
+def _set_driver_isolation(connection: Connection, level: Any) -> Any:
+    """Set the sqlite3 driver's ``isolation_level``; return the one it had."""
+    dbapi_connection: Any = connection.connection.dbapi_connection
+    previous = dbapi_connection.isolation_level
+    dbapi_connection.isolation_level = level
+    return previous
