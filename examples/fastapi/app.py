@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Body, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 from sqlalchemy import String, select
 from sqlalchemy.dialects import mysql
@@ -195,9 +195,10 @@ async def update_todo(todo_id: int, patch: TodoPatch) -> TodoOut:
     return TodoOut.model_validate(todo)
 
 
-@app.delete("/todos/{todo_id}", status_code=204)
-async def delete_todo(todo_id: int, session: SessionDep) -> None:
+@app.delete("/todos/{todo_id}", status_code=204, response_class=Response)
+async def delete_todo(todo_id: int, session: SessionDep) -> Response:
     await session.delete(await todo_or_404(todo_id))
+    return Response(status_code=204)
 
 
 @app.websocket("/todos/ws")
