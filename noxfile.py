@@ -41,21 +41,21 @@ def _adapters() -> dict[str, list[str]]:
     return adapters
 
 
+def _adapter_tests(name: str) -> list[str]:
+    """The adapter's scenarios, the contract suite of its example, and the example's tests."""
+    contract = [
+        str(path.relative_to(ROOT)) for path in ROOT.glob(f"tests/examples/test_{name}_*.py")
+    ]
+    example = [f"examples/{name}"] if (ROOT / "examples" / name / "test_app.py").exists() else []
+    return [f"tests/adapters/test_{name}.py", *contract, *example]
+
+
 ADAPTERS = _adapters()
 # Each tested package: the editable directories it installs and the tests that cover it.
 PACKAGES: dict[str, tuple[list[str], list[str]]] = {
     "core": (["core"], ["tests/core"]),
     **{
-        name: (
-            ["core", *directories],
-            [
-                f"tests/adapters/test_{name}.py",
-                *(
-                    str(path.relative_to(ROOT))
-                    for path in ROOT.glob(f"tests/examples/test_{name}_*.py")
-                ),
-            ],
-        )
+        name: (["core", *directories], _adapter_tests(name))
         for name, directories in ADAPTERS.items()
     },
 }
@@ -133,3 +133,24 @@ def demo(session: nox.Session) -> None:
         session.run("hypercorn", "app:app", "--bind", "127.0.0.1:8000")
     else:
         session.run("uvicorn", "app:app", "--host", "127.0.0.1", "--port", "8000")
+
+
+@nox.session(python="3.13")
+def bench(session: nox.Session) -> None:
+    """Benchmarks (not in `tests`, not in CI): each adapter against its bare framework.
+
+    Writes benchmarks/results/ and takes about 10 minutes; `nox -s bench -- --quick` is a
+    one-minute smoke run that writes benchmarks/results/quick/. PostgreSQL from
+    ALCHEMY_SCOPE_BENCH_POSTGRES (default postgresql+asyncpg://postgres@127.0.0.1:5432/test).
+    """
+    import shutil
+
+    directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
+    session.install(
+        *(arg for directory in directories for arg in ("-e", directory)),
+        "-r",
+        "benchmarks/requirements.txt",
+    )
+    if shutil.which("wrk") is None and hasattr(os, "geteuid") and os.geteuid() == 0:
+        session.run("apt-get", "install", "-y", "-q", "wrk", external=True, success_codes=[0, 100])
+    session.run("python", "-m", "benchmarks", *session.posargs)

@@ -57,11 +57,13 @@ def alchemy_database() -> Database:
 @async_fixture
 async def alchemy_connection(alchemy_database: Database) -> AsyncIterator[AsyncConnection]:
     """One connection in a transaction that is rolled back when the test ends."""
-    async with (
-        alchemy_database.engine.connect() as connection,
-        rolled_back_transaction(connection),
-    ):
-        yield connection
+    engine = alchemy_database.engine
+    pool = engine.pool
+    async with engine.connect() as connection:
+        async with rolled_back_transaction(connection):
+            yield connection
+        if engine.pool is not pool:  # the app disposed the engine (its shutdown) meanwhile:
+            await connection.invalidate()  # its old pool would not close this connection
 
 
 @asynccontextmanager
