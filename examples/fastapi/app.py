@@ -26,7 +26,13 @@ from alchemy_scope_fastapi import SessionDep, install
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///todos.db")
 # autocommit: a request that answers below 400 is committed before its response is sent;
 # anything else (a 409, a 422, an exception) is rolled back.
-db = Database(DATABASE_URL, commit="autocommit", engine_options={"pool_pre_ping": True})
+# Optional pool settings: DATABASE_POOL_SIZE, DATABASE_MAX_OVERFLOW, DATABASE_POOL_TIMEOUT.
+POOL = {
+    option: int(os.environ[f"DATABASE_{option.upper()}"])
+    for option in ("pool_size", "max_overflow", "pool_timeout")
+    if f"DATABASE_{option.upper()}" in os.environ
+}
+db = Database(DATABASE_URL, commit="autocommit", engine_options={"pool_pre_ping": True, **POOL})
 
 MAX_TITLE = 200
 MAX_INT = 2**31 - 1  # the largest id or offset the INTEGER column and every backend accept
