@@ -1,0 +1,438 @@
+"""alchemy-scope-litestar: the shared scenarios, plus what is Litestar's own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import httpx
+import pytest
+from litestar import Litestar, MediaType, Request, Response, WebSocket, get, post, websocket
+from litestar.background_tasks import BackgroundTask
+from litestar.di import Provide
+from litestar.exceptions import (
+    HTTPException,
+    ImproperlyConfiguredException,
+    NotFoundException,
+    WebSocketDisconnect,
+)
+from litestar.params import Body
+from litestar.response import Stream
+from litestar.types import ASGIApp
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError
+
+from alchemy_scope import ConcurrentSessionUseError, Database, Scope, current_scope
+from alchemy_scope_litestar import AlchemyScopePlugin
+
+from ..models import Item
+from ..servers import uvicorn_server
+from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names
+from .scenarios import AdapterScenarios, asgi_client
+
+try:
+    from litestar.di import NamedDependency
+except ImportError:  # Litestar < 2.23 injects by the parameter's name alone
+
+    class NamedDependency:  # type: ignore[no-redef]
+        def __class_getitem__(cls, annotation: Any) -> Any:
+            return annotation
+
+
+def make_litestar_app(
+    db: Database, *more_handlers: Any, plugin: AlchemyScopePlugin | None = None, **options: Any
+) -> Litestar:
+    """The scenario routes (and ``more_handlers``) as a Litestar app with the plugin."""
+
+    def helper_a() -> AsyncSession:
+        return db.session
+
+    def helper_b() -> AsyncSession:
+        return db.session
+
+    @get("/ping", media_type=MediaType.TEXT)
+    async def ping() -> str:
+        return "pong"
+
+    @post("/items/{name:str}")
+    async def create_item(
+        request: Request[Any, Any, Any], db_session: NamedDependency[AsyncSession]
+    ) -> Response[dict[str, int]]:
+        db_session.add(Item(name=request.path_params["name"]))
+        await db_session.flush()
+        if request.query_params.get("commit") == "1":
+            await db_session.commit()
+        status = int(request.query_params.get("status", "201"))
+        return Response({"session": id(db_session)}, status_code=status)
+
+    @post("/items/{name:str}/fail")
+    async def fail(request: Request[Any, Any, Any]) -> None:
+        db.session.add(Item(name=request.path_params["name"]))
+        await db.session.flush()
+        raise RuntimeError("handler failed")
+
+    @get("/identity")
+    async def identity(db_session: NamedDependency[AsyncSession]) -> dict[str, Any]:
+        first = helper_a()
+        await asyncio.sleep(0.05)
+        same = first is helper_b() is db.session is db_session
+        return {"same": same, "session": id(first)}
+
+    @get("/stream")
+    async def stream(request: Request[Any, Any, Any]) -> Stream:
+        count = int(request.query_params.get("n", "3"))
+        delay = float(request.query_params.get("delay", "0"))
+
+        async def lines() -> AsyncIterator[str]:
+            for _ in range(count):
+                items = await db.session.scalar(select(func.count()).select_from(Item))
+                yield f"{id(db.session)} {items}\n"
+                await asyncio.sleep(delay)
+
+        return Stream(lines(), media_type=MediaType.TEXT)
+
+    @post("/background/{name:str}", status_code=202)
+    async def background(request: Request[Any, Any, Any]) -> Response[None]:
+        request_session = db.session
+        name = request.path_params["name"]
+
+        async def job() -> None:
+            suffix = "same" if db.session is request_session else "own"
+            db.session.add(Item(name=f"{name}-{suffix}"))
+            await db.session.commit()
+
+        return Response(None, status_code=202, background=BackgroundTask(job))
+
+    @post("/orphan")
+    async def orphan() -> dict[str, bool]:
+        add_write_that_fails_at_commit(db.session)
+        await db.session.flush()
+        return {"created": True}
+
+    @websocket("/ws")
+    async def ws(socket: WebSocket[Any, Any, Any]) -> None:
+        await socket.accept()
+        try:
+            while True:
+                name = await socket.receive_text()
+                db.session.add(Item(name=name))
+                await db.session.commit()
+                await socket.send_text(str(id(db.session)))
+        except WebSocketDisconnect:
+            pass
+
+    return Litestar(
+        route_handlers=[
+            *(ping, create_item, fail, identity, stream, background, orphan, ws),
+            *more_handlers,
+        ],
+        plugins=[plugin or AlchemyScopePlugin(db)],
+        debug=False,
+        **options,
+    )
+
+
+def copying_lifespan_state(app: ASGIApp) -> ASGIApp:
+    """Give each request a shallow copy of the lifespan state, as the ASGI spec requires.
+
+    asgi-lifespan 2.1 (behind ``asgi_client``) hands every request the lifespan's own state
+    dict; Litestar caches a request's parsed query and path in it, so without a copy the
+    second request of a client would read the first one's parameters. Uvicorn copies.
+    """
+
+    async def app_with_copied_state(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan" and "state" in scope:
+            scope = {**scope, "state": dict(scope["state"])}
+        await app(scope, receive, send)
+
+    return app_with_copied_state
+
+
+def make_scenario_app(db: Database) -> ASGIApp:
+    """The Litestar app of the scenarios, as served by a spec-conforming server."""
+    return copying_lifespan_state(make_litestar_app(db))
+
+
+def litestar_client(app: Litestar) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    """``asgi_client`` for a Litestar app, each request with its own lifespan state."""
+    return asgi_client(copying_lifespan_state(app))
+
+
+class TestLitestar(AdapterScenarios):
+    make_app = staticmethod(make_scenario_app)
+    background_in_request_scope = True
+
+
+async def count_through_the_session(db: Database) -> int:
+    """Count the items with ``db.session``; the query awaits the database, so tasks interleave."""
+    return int(await db.session.scalar(select(func.count()).select_from(Item)) or 0)
+
+
+def parallel_dependencies_app(db: Database, **plugin_options: Any) -> Litestar:
+    """An app whose ``/parallel`` route has two independent dependencies that both query."""
+
+    async def first_count() -> int:
+        return await count_through_the_session(db)
+
+    async def second_count() -> int:
+        return await count_through_the_session(db)
+
+    @get(
+        "/parallel",
+        dependencies={"first": Provide(first_count), "second": Provide(second_count)},
+    )
+    async def parallel(first: NamedDependency[int], second: NamedDependency[int]) -> list[int]:
+        return [first, second]
+
+    def conflict(_request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
+        return Response(type(exc).__name__, status_code=409)
+
+    return make_litestar_app(
+        db,
+        parallel,
+        plugin=AlchemyScopePlugin(db, **plugin_options),
+        exception_handlers={ConcurrentSessionUseError: conflict},
+    )
+
+
+async def test_independent_dependencies_take_turns_on_the_session(db: Database) -> None:
+    """By default, two dependencies Litestar resolves concurrently both query the one session."""
+    async with litestar_client(parallel_dependencies_app(db)) as client:
+        responses = await asyncio.gather(*(client.get("/parallel") for _ in range(5)))
+    assert [r.status_code for r in responses] == [200] * 5
+    assert all(r.json() == [0, 0] for r in responses)
+
+
+async def test_without_serialize_independent_dependencies_collide(db: Database) -> None:
+    """serialize=False: Litestar really runs the two dependencies at once, and they collide."""
+    # The collision cancels the other dependency; with a warm pool that is never mid-connect,
+    # where aiosqlite would leave the connection it was opening unclosed.
+    async with db.engine.connect():
+        pass
+    async with litestar_client(parallel_dependencies_app(db, serialize=False)) as client:
+        response = await client.get("/parallel")
+    assert (response.status_code, response.text) == (409, "ConcurrentSessionUseError")
+
+
+async def test_dependencies_and_handlers_get_the_request_session(db: Database) -> None:
+    """The injected session is db.session, also in a dependency that depends on it."""
+
+    async def session_of_a_dependency(db_session: NamedDependency[AsyncSession]) -> AsyncSession:
+        return db_session
+
+    @get("/injected", dependencies={"nested": Provide(session_of_a_dependency)})
+    async def injected(
+        db_session: NamedDependency[AsyncSession], nested: NamedDependency[AsyncSession]
+    ) -> dict[str, bool]:
+        return {"same": db_session is nested is db.session}
+
+    async with litestar_client(make_litestar_app(db, injected)) as client:
+        response = await client.get("/injected")
+    assert response.json() == {"same": True}
+
+
+async def test_http_exceptions_roll_back_with_autocommit(autocommit_db: Database) -> None:
+    """A handler that raises NotFoundException or HTTPException gets its 4xx; nothing commits."""
+    db = autocommit_db
+
+    @post("/items/{name:str}/missing")
+    async def missing(request: Request[Any, Any, Any]) -> None:
+        db.session.add(Item(name=request.path_params["name"]))
+        await db.session.flush()
+        if request.query_params.get("not_found") == "1":
+            raise NotFoundException("no such owner")
+        raise HTTPException(status_code=409, detail="conflict")
+
+    async with litestar_client(make_litestar_app(db, missing)) as client:
+        assert (await client.post("/items/a/missing?not_found=1")).status_code == 404
+        assert (await client.post("/items/b/missing")).status_code == 409
+        assert (await client.post("/items/c?commit=0")).status_code == 201
+    assert await item_names(db) == ["c"]
+
+
+@dataclass
+class NewItem:
+    name: str
+    copies: int
+
+
+async def test_a_validation_error_writes_nothing(autocommit_db: Database) -> None:
+    """A body that fails validation gets a 400; what a dependency wrote first is rolled back."""
+    db = autocommit_db
+    ran: list[str] = []
+
+    async def write_first() -> None:
+        db.session.add(Item(name="written by a dependency"))
+        await db.session.flush()
+        ran.append("dependency")
+
+    @post("/validated", dependencies={"written": Provide(write_first)})
+    async def validated(data: Annotated[NewItem, Body()], written: NamedDependency[None]) -> None:
+        ran.append("handler")
+
+    async with litestar_client(make_litestar_app(db, validated)) as client:
+        response = await client.post("/validated", json={"name": "x", "copies": "many"})
+    assert response.status_code == 400
+    assert ran == ["dependency"]
+    assert await item_names(db) == []
+
+
+async def test_the_dependency_key_is_configurable(db: Database) -> None:
+    """dependency_key names the injected session; None registers no dependency at all."""
+
+    @get("/named")
+    async def named(session: NamedDependency[AsyncSession]) -> dict[str, bool]:
+        return {"same": session is db.session}
+
+    app = Litestar([named], plugins=[AlchemyScopePlugin(db, dependency_key="session")])
+    async with litestar_client(app) as client:
+        assert (await client.get("/named")).json() == {"same": True}
+    plain = Litestar(plugins=[AlchemyScopePlugin(db, dependency_key=None)])
+    assert "db_session" not in plain.dependencies
+    assert "session" not in plain.dependencies
+
+
+def test_misuse_raises_errors_that_say_what_to_do() -> None:
+    """A non-Database, a second plugin or a taken dependency name fails when the app is built."""
+    db = Database("sqlite+aiosqlite://")  # never connects
+    with pytest.raises(TypeError, match=r"alchemy_scope\.Database"):
+        AlchemyScopePlugin("sqlite+aiosqlite:///app.db")  # type: ignore[arg-type]
+    with pytest.raises(ImproperlyConfiguredException, match=r"AlchemyScopePlugin\(db, other_db\)"):
+        Litestar(plugins=[AlchemyScopePlugin(db), AlchemyScopePlugin(db, dependency_key="other")])
+    with pytest.raises(ImproperlyConfiguredException, match="dependency_key="):
+        Litestar(
+            dependencies={"db_session": Provide(count_through_the_session)},
+            plugins=[AlchemyScopePlugin(db)],
+        )
+
+
+async def test_middleware_exception_handlers_and_hooks_run_inside_the_scope(db: Database) -> None:
+    """User middleware, exception handlers and after_response hooks see the request's session."""
+    seen: list[tuple[str, int]] = []
+
+    def recording_middleware(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Any, receive: Any, send: Any) -> None:
+            seen.append(("middleware", id(db.session)))
+            await app(scope, receive, send)
+            seen.append(("middleware after", id(db.session)))
+
+        return middleware
+
+    async def record_after_response(_request: Request[Any, Any, Any]) -> None:
+        seen.append(("after_response", id(db.session)))
+
+    def handle_value_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
+        seen.append(("exception handler", id(db.session)))  # Litestar calls these sync
+        return Response(str(exc), status_code=422)
+
+    @post("/refused")
+    async def refused() -> None:
+        seen.append(("handler", id(db.session)))
+        raise ValueError("refused")
+
+    app = make_litestar_app(
+        db,
+        refused,
+        middleware=[recording_middleware],
+        exception_handlers={ValueError: handle_value_error},
+        after_response=record_after_response,
+    )
+    async with litestar_client(app) as client:
+        response = await client.post("/refused")
+        assert (response.status_code, response.text) == (422, "refused")
+        failed, seen[:] = list(seen), []
+        session = (await client.post("/items/ok")).json()["session"]
+    assert [where for where, _ in failed] == [
+        "middleware",
+        "handler",
+        "exception handler",
+        "middleware after",
+    ]
+    assert len({session for _, session in failed}) == 1
+    assert seen == [
+        ("middleware", session),
+        ("after_response", session),
+        ("middleware after", session),
+    ]
+
+
+async def test_shutdown_hooks_and_lifespans_run_before_the_engine_is_disposed(
+    db: Database,
+) -> None:
+    """The app's own lifespan and on_shutdown hooks can use the engine; then it is disposed."""
+    events: list[str] = []
+
+    async def pooled() -> int:
+        async with db.scope():
+            await count_through_the_session(db)
+        return int(db.engine.pool.checkedin())  # type: ignore[attr-defined]
+
+    @asynccontextmanager
+    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        yield
+        events.append(f"lifespan exit, pool has {await pooled()}")
+
+    async def on_shutdown() -> None:
+        events.append(f"on_shutdown, pool has {await pooled()}")
+
+    app = make_litestar_app(db, lifespan=[lifespan], on_shutdown=[on_shutdown])
+    async with litestar_client(app) as client:
+        assert (await client.get("/ping")).text == "pong"
+    assert events == ["lifespan exit, pool has 1", "on_shutdown, pool has 1"]
+    assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_handler_exception_reaches_the_scope_as_a_500_status(
+    autocommit_db: Database,
+) -> None:
+    """Litestar turns an exception into its 500 inside the middleware: the status rolls back."""
+    db = autocommit_db
+    scopes: list[Scope] = []
+
+    @post("/broken")
+    async def broken() -> None:
+        scopes.append(current_scope())
+        db.session.add(Item(name="broken"))
+        await db.session.flush()
+        raise RuntimeError("broken")
+
+    async with litestar_client(make_litestar_app(db, broken)) as client:
+        assert (await client.post("/broken")).status_code == 500
+    [scope] = scopes
+    assert (scope.status, scope.failed, scope.closed) == (500, False, True)
+    assert await item_names(db) == []
+
+
+async def test_a_websocket_handler_that_raises_commits_nothing(autocommit_db: Database) -> None:
+    """Through a real server: a websocket handler commits when it returns, not when it raises."""
+    db = autocommit_db
+
+    @websocket("/ws/{name:str}")
+    async def write_then(socket: WebSocket[Any, Any, Any]) -> None:
+        await socket.accept()
+        name = socket.path_params["name"]
+        db.session.add(Item(name=name))
+        await db.session.flush()
+        await socket.send_text("written")
+        if name == "raise":
+            raise RuntimeError("the handler failed")
+        try:
+            await socket.receive_text()
+        except WebSocketDisconnect:
+            if name == "uncaught":
+                raise
+
+    async with uvicorn_server(make_litestar_app(db, write_then)) as url:
+        for name in ("raise", "uncaught", "returns"):
+            async with connect(f"{url.replace('http', 'ws')}/ws/{name}") as client:
+                assert await client.recv() == "written"
+                if name == "raise":  # Litestar closes with 4000 + HTTP 500
+                    with pytest.raises(ConnectionClosedError, match="4500"):
+                        await client.recv()
+        await assert_no_leaks(db)
+    assert await item_names(db) == ["returns"]
