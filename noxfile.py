@@ -8,6 +8,7 @@ SQLite always; PostgreSQL and MariaDB when ALCHEMY_SCOPE_TEST_DATABASES lists th
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -143,8 +144,6 @@ def bench(session: nox.Session) -> None:
     one-minute smoke run that writes benchmarks/results/quick/. PostgreSQL from
     ALCHEMY_SCOPE_BENCH_POSTGRES (default postgresql+asyncpg://postgres@127.0.0.1:5432/test).
     """
-    import shutil
-
     directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
     session.install(
         *(arg for directory in directories for arg in ("-e", directory)),
@@ -154,3 +153,22 @@ def bench(session: nox.Session) -> None:
     if shutil.which("wrk") is None and hasattr(os, "geteuid") and os.geteuid() == 0:
         session.run("apt-get", "install", "-y", "-q", "wrk", external=True, success_codes=[0, 100])
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session(python="3.13")
+def reliability(session: nox.Session) -> None:
+    """Every example through a real server against a private PostgreSQL: load, faults, leaks.
+
+    About 4 minutes; `nox -s reliability -- --quick` is a smoke run and `-- starlette` picks
+    examples. Needs PostgreSQL's initdb and pg_ctl: it starts (and restarts, and removes) its
+    own instance on a free port, never the shared one. Writes reliability/results.md.
+    """
+    directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
+    examples = sorted(ROOT.glob("examples/*/requirements.txt"))
+    session.install(
+        *(arg for directory in directories for arg in ("-e", directory)),
+        *(arg for path in examples for arg in ("-r", str(path.relative_to(ROOT)))),
+        "-r",
+        "reliability/requirements.txt",
+    )
+    session.run("python", "-m", "reliability", *session.posargs)

@@ -15,10 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from alchemy_scope import Database
-from alchemy_scope.pytest_plugin import rolled_back_transaction
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from alchemy_scope import Database
+from alchemy_scope.pytest_plugin import rolled_back_transaction
 
 TESTS = 100
 
