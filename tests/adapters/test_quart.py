@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from werkzeug.exceptions import InternalServerError
 
-from alchemy_scope import Database, ScopeClosedError
+from alchemy_scope import AlreadyInstalledError, Database, ScopeClosedError
 from alchemy_scope_quart import AlchemyScope
 
 from ..conftest import MakeDatabase
@@ -222,7 +222,7 @@ async def test_init_app_installs_one_extension_in_several_apps(make_db: MakeData
 def test_installing_twice_in_one_app_is_refused(db: Database) -> None:
     """A second AlchemyScope in one app raises and says to pass every Database to one."""
     app = make_quart_app(db)
-    with pytest.raises(RuntimeError, match=r"AlchemyScope\(app, db, other_db\)"):
+    with pytest.raises(AlreadyInstalledError, match=r"AlchemyScope\(app, db, other_db\)"):
         AlchemyScope(app, db)
 
 

@@ -19,8 +19,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from alchemy_scope import Database
-from alchemy_scope_starlette import AlreadyInstalledError, install
+from alchemy_scope import AlreadyInstalledError, Database
+from alchemy_scope_starlette import install
 
 from ..models import Item
 from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, run_readme_app

@@ -14,6 +14,7 @@ from ._core import Scope, ScopeBlock, current_scope, scope
 from ._database import CommitPolicy, Database, ScopedSession, dispose_all
 from ._errors import (
     AlchemyScopeError,
+    AlreadyInstalledError,
     ConcurrentSessionUseError,
     NoScopeError,
     ScopeClosedError,
@@ -23,6 +24,7 @@ from ._middleware import ScopeMiddleware
 
 __all__ = [
     "AlchemyScopeError",
+    "AlreadyInstalledError",
     "CommitPolicy",
     "ConcurrentSessionUseError",
     "Database",

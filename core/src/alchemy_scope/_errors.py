@@ -58,3 +58,14 @@ class SharedConnectionBusyError(AlchemyScopeError):
             "database, and send requests through an in-process client (httpx.ASGITransport) "
             "started inside the test, so their scopes nest inside the test's."
         )
+
+
+class AlreadyInstalledError(AlchemyScopeError, RuntimeError):
+    """An integration was installed twice in one app, which would nest scopes."""
+
+    def __init__(self, how_to_install_once: str) -> None:
+        super().__init__(
+            "alchemy-scope is already installed in this app; a second installation would nest "
+            f"scopes and dispose engines twice. Install it once, with every database: "
+            f"{how_to_install_once}."
+        )

@@ -9,7 +9,15 @@ from typing import Any
 from quart import Quart, current_app
 from quart.signals import got_request_exception, got_websocket_exception
 
-from alchemy_scope import Database, NoScopeError, ScopeMiddleware, current_scope, dispose_all, scope
+from alchemy_scope import (
+    AlreadyInstalledError,
+    Database,
+    NoScopeError,
+    ScopeMiddleware,
+    current_scope,
+    dispose_all,
+    scope,
+)
 
 EXTENSION_NAME = "alchemy_scope"
 
@@ -56,7 +64,7 @@ class AlchemyScope:
 
         Raises:
             TypeError: A ``Database`` was given where the app belongs.
-            RuntimeError: An ``AlchemyScope`` is already installed in ``app``.
+            AlreadyInstalledError: An ``AlchemyScope`` is already installed in ``app``.
         """
         if isinstance(app, Database):
             raise TypeError(
@@ -64,11 +72,7 @@ class AlchemyScope:
                 "AlchemyScope(app, db), or AlchemyScope() and later alchemy.init_app(app, db)."
             )
         if EXTENSION_NAME in app.extensions:
-            raise RuntimeError(
-                "An AlchemyScope is already installed in this app; a second one would nest "
-                "scopes and dispose engines twice. Install one and give it every Database: "
-                "AlchemyScope(app, db, other_db)."
-            )
+            raise AlreadyInstalledError("`AlchemyScope(app, db, other_db)`")
         app.extensions[EXTENSION_NAME] = self
         middleware = ScopeMiddleware(app.asgi_app, serialize=self.serialize)  # type: ignore[arg-type]
         app.asgi_app = middleware  # type: ignore[assignment,method-assign]

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ._integration import AlreadyInstalledError, install, lifespan_disposing
+from ._integration import install, lifespan_disposing
 
-__all__ = ["AlreadyInstalledError", "install", "lifespan_disposing"]
+__all__ = ["install", "lifespan_disposing"]

@@ -8,20 +8,10 @@ from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 
-from alchemy_scope import AlchemyScopeError, Database, ScopeMiddleware, dispose_all
+from alchemy_scope import AlreadyInstalledError, Database, ScopeMiddleware, dispose_all
 
 AppT = TypeVar("AppT")
 Lifespan = Callable[[AppT], AbstractAsyncContextManager[Any]]
-
-
-class AlreadyInstalledError(AlchemyScopeError):
-    """``install()`` was called twice on one app."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "alchemy-scope is already installed on this app: call install() once, with every "
-            "database: `install(app, db, other_db)`."
-        )
 
 
 def install(app: Starlette, *databases: Database, serialize: bool = False) -> None:
@@ -38,7 +28,7 @@ def install(app: Starlette, *databases: Database, serialize: bool = False) -> No
     """
     installed: list[object] = [middleware.cls for middleware in app.user_middleware]
     if ScopeMiddleware in installed:
-        raise AlreadyInstalledError()
+        raise AlreadyInstalledError("`install(app, db, other_db)`")
     app.add_middleware(ScopeMiddleware, serialize=serialize)
     app.router.lifespan_context = lifespan_disposing(app.router.lifespan_context, *databases)
 
