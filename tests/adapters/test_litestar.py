@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
+import litestar.di
 import pytest
 from litestar import Litestar, MediaType, Request, Response, WebSocket, get, post, websocket
 from litestar.background_tasks import BackgroundTask
@@ -27,12 +31,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError
 
-from alchemy_scope import ConcurrentSessionUseError, Database, Scope, current_scope
+from alchemy_scope import (
+    AlreadyInstalledError,
+    ConcurrentSessionUseError,
+    Database,
+    Scope,
+    current_scope,
+)
 from alchemy_scope_litestar import AlchemyScopePlugin
 
 from ..models import Item
 from ..servers import uvicorn_server
-from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names
+from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, readme_code
 from .scenarios import AdapterScenarios, asgi_client
 
 try:
@@ -302,7 +312,7 @@ def test_misuse_raises_errors_that_say_what_to_do() -> None:
     db = Database("sqlite+aiosqlite://")  # never connects
     with pytest.raises(TypeError, match=r"alchemy_scope\.Database"):
         AlchemyScopePlugin("sqlite+aiosqlite:///app.db")  # type: ignore[arg-type]
-    with pytest.raises(ImproperlyConfiguredException, match=r"AlchemyScopePlugin\(db, other_db\)"):
+    with pytest.raises(AlreadyInstalledError, match=r"AlchemyScopePlugin\(db, other_db\)"):
         Litestar(plugins=[AlchemyScopePlugin(db), AlchemyScopePlugin(db, dependency_key="other")])
     with pytest.raises(ImproperlyConfiguredException, match="dependency_key="):
         Litestar(
@@ -390,7 +400,7 @@ async def test_shutdown_hooks_and_lifespans_run_before_the_engine_is_disposed(
 async def test_a_handler_exception_reaches_the_scope_as_a_500_status(
     autocommit_db: Database,
 ) -> None:
-    """Litestar turns an exception into its 500 inside the middleware: the status rolls back."""
+    """Litestar answers an exception with its 500 inside the middleware; the scope is failed."""
     db = autocommit_db
     scopes: list[Scope] = []
 
@@ -404,8 +414,31 @@ async def test_a_handler_exception_reaches_the_scope_as_a_500_status(
     async with litestar_client(make_litestar_app(db, broken)) as client:
         assert (await client.post("/broken")).status_code == 500
     [scope] = scopes
-    assert (scope.status, scope.failed, scope.closed) == (500, False, True)
+    assert (scope.status, scope.failed, scope.closed) == (500, True, True)
     assert await item_names(db) == []
+
+
+async def test_an_exception_answered_with_a_success_commits_nothing(
+    autocommit_db: Database,
+) -> None:
+    """A handler that raised commits nothing, even when an exception handler answers 200."""
+    db = autocommit_db
+
+    @post("/forgiven")
+    async def forgiven() -> None:
+        db.session.add(Item(name="forgiven"))
+        await db.session.flush()
+        raise ValueError("forgiven")
+
+    def forgive(_request: Request[Any, Any, Any], exc: Exception) -> Response[str]:
+        return Response(str(exc), status_code=200)
+
+    app = make_litestar_app(db, forgiven, exception_handlers={ValueError: forgive})
+    async with litestar_client(app) as client:
+        response = await client.post("/forgiven")
+        assert (response.status_code, response.text) == (200, "forgiven")
+        assert (await client.post("/items/kept")).status_code == 201
+    assert await item_names(db) == ["kept"]
 
 
 async def test_a_websocket_handler_that_raises_commits_nothing(autocommit_db: Database) -> None:
@@ -436,3 +469,43 @@ async def test_a_websocket_handler_that_raises_commits_nothing(autocommit_db: Da
                         await client.recv()
         await assert_no_leaks(db)
     assert await item_names(db) == ["returns"]
+
+
+@pytest.mark.skipif(
+    not hasattr(litestar.di, "NamedDependency"),
+    reason="the README app annotates with NamedDependency, which Litestar 2.23 added",
+)
+async def test_the_readme_app_works_when_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's app, saved as a module, counts visits through DI and db.session."""
+    monkeypatch.chdir(tmp_path)  # its SQLite file lands where a user would run it
+    monkeypatch.syspath_prepend(tmp_path)
+    (tmp_path / "readme_visits_app.py").write_text(readme_code("adapters/litestar/README.md"))
+    try:
+        readme_app = importlib.import_module("readme_visits_app")
+        async with litestar_client(readme_app.app) as client:
+            for expected in (1, 2, 3):
+                response = await client.post("/visits")
+                assert (response.status_code, response.json()) == (201, expected)
+        await assert_no_leaks(readme_app.db)
+        assert readme_app.db.engine.pool.checkedin() == 0
+    finally:
+        sys.modules.pop("readme_visits_app", None)
+
+
+@pytest.fixture
+def alchemy_database(db: Database) -> Database:
+    """The Database of the pytest plugin's fixtures: this leg's."""
+    return db
+
+
+async def test_requests_join_the_transaction_of_the_pytest_plugin(alchemy_db: Database) -> None:
+    """Under alchemy_db, requests and their parallel dependencies use the test's transaction."""
+    async with litestar_client(parallel_dependencies_app(alchemy_db)) as client:
+        assert (await client.post("/items/inside?commit=1")).status_code == 201
+        responses = await asyncio.gather(*(client.get("/parallel") for _ in range(3)))
+    assert [r.json() for r in responses] == [[1, 1]] * 3
+    async with alchemy_db.scope():
+        assert await count_through_the_session(alchemy_db) == 1
+    assert await item_names(alchemy_db) == []  # committed only inside the test's transaction

@@ -8,14 +8,20 @@ from typing import cast
 
 from litestar.config.app import AppConfig
 from litestar.di import Provide
-from litestar.enums import ScopeType
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.middleware import DefineMiddleware
 from litestar.plugins import InitPlugin
 from litestar.types import ASGIApp, Scope
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from alchemy_scope import Database, NoScopeError, ScopeMiddleware, current_scope, dispose_all
+from alchemy_scope import (
+    AlreadyInstalledError,
+    Database,
+    NoScopeError,
+    ScopeMiddleware,
+    current_scope,
+    dispose_all,
+)
 
 # ScopeMiddleware takes scopes as plain mappings; Litestar types them as TypedDicts.
 _SCOPE_MIDDLEWARE = cast("Callable[..., ASGIApp]", ScopeMiddleware)
@@ -26,9 +32,10 @@ class AlchemyScopePlugin(InitPlugin):
 
     The plugin installs :class:`alchemy_scope.ScopeMiddleware` outside every other middleware,
     so Litestar's exception handling, ``after_response`` hooks and background tasks all run
-    inside the request's scope. A websocket handler that raises is not committed. The plugin
-    provides ``database.session`` to dependency injection under ``dependency_key`` and
-    disposes every database's engine after the app has shut down.
+    inside the request's scope. A request or websocket whose handler raised never commits,
+    whatever Litestar's exception handlers answer. The plugin provides ``database.session``
+    to dependency injection under ``dependency_key`` and disposes every database's engine
+    after the app has shut down.
 
     Args:
         database: The database whose session is injected under ``dependency_key``.
@@ -67,14 +74,12 @@ class AlchemyScopePlugin(InitPlugin):
         """Add the middleware, the session dependency and engine disposal to the app.
 
         Raises:
-            ImproperlyConfiguredException: The app already has a scope middleware (the plugin
-                was added twice) or a dependency named ``dependency_key``.
+            AlreadyInstalledError: The plugin was added twice.
+            ImproperlyConfiguredException: The app already has a dependency named
+                ``dependency_key``.
         """
         if any(_is_scope_middleware(middleware) for middleware in app_config.middleware):
-            raise ImproperlyConfiguredException(
-                "The app already opens a scope per request: add one AlchemyScopePlugin and "
-                "pass it every database, AlchemyScopePlugin(db, other_db)."
-            )
+            raise AlreadyInstalledError("`plugins=[AlchemyScopePlugin(db, other_db)]`")
         key = self.dependency_key
         if key is not None:
             if key in app_config.dependencies:
@@ -85,7 +90,7 @@ class AlchemyScopePlugin(InitPlugin):
             app_config.dependencies[key] = Provide(self.provide_session)
         middleware = DefineMiddleware(_SCOPE_MIDDLEWARE, serialize=self.serialize)
         app_config.middleware.insert(0, middleware)
-        app_config.after_exception.append(_fail_websocket_scope)
+        app_config.after_exception.append(_fail_current_scope)
         # on_shutdown hooks run after every lifespan context manager has exited.
         app_config.on_shutdown.append(self.dispose)
         return app_config
@@ -99,15 +104,14 @@ class AlchemyScopePlugin(InitPlugin):
         await dispose_all(self.databases)
 
 
-async def _fail_websocket_scope(_exc: Exception, connection: Scope) -> None:
-    """Keep a websocket whose handler raised from committing.
+async def _fail_current_scope(_exc: Exception, _connection: Scope) -> None:
+    """Keep a request or websocket whose handler raised from committing.
 
-    Litestar catches the exception of a websocket handler and closes the connection with an
-    error code: the middleware never sees it, and a websocket has no status to go by.
+    Litestar turns the exception into a response or a websocket close code before it could
+    reach the middleware; whatever status an exception handler chose, the work failed.
     """
-    if connection["type"] == ScopeType.WEBSOCKET:
-        with suppress(NoScopeError):  # raised outside the routes, where no scope is open
-            current_scope().failed = True
+    with suppress(NoScopeError):  # raised outside the routes, where no scope is open
+        current_scope().failed = True
 
 
 def _is_scope_middleware(middleware: object) -> bool:
