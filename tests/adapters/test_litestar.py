@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ from alchemy_scope_litestar import AlchemyScopePlugin
 
 from ..models import Item
 from ..servers import uvicorn_server
-from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, readme_code
+from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, run_readme_app
 from .scenarios import AdapterScenarios, asgi_client
 
 try:
@@ -478,20 +476,15 @@ async def test_a_websocket_handler_that_raises_commits_nothing(autocommit_db: Da
 async def test_the_readme_app_works_when_copied(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The README's app, saved as a module, counts visits through DI and db.session."""
+    """The README's app, run as copied, counts visits through DI and db.session."""
     monkeypatch.chdir(tmp_path)  # its SQLite file lands where a user would run it
-    monkeypatch.syspath_prepend(tmp_path)
-    (tmp_path / "readme_visits_app.py").write_text(readme_code("adapters/litestar/README.md"))
-    try:
-        readme_app = importlib.import_module("readme_visits_app")
-        async with litestar_client(readme_app.app) as client:
-            for expected in (1, 2, 3):
-                response = await client.post("/visits")
-                assert (response.status_code, response.json()) == (201, expected)
-        await assert_no_leaks(readme_app.db)
-        assert readme_app.db.engine.pool.checkedin() == 0
-    finally:
-        sys.modules.pop("readme_visits_app", None)
+    readme = run_readme_app("adapters/litestar/README.md")
+    async with litestar_client(readme["app"]) as client:
+        for expected in (1, 2, 3):
+            response = await client.post("/visits")
+            assert (response.status_code, response.json()) == (201, expected)
+    await assert_no_leaks(readme["db"])
+    assert readme["db"].engine.pool.checkedin() == 0
 
 
 @pytest.fixture
