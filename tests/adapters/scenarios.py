@@ -21,6 +21,8 @@ Routes every app serves (``db`` is the Database given to the factory):
 - ``POST /orphan``: ``add_write_that_fails_at_commit(db.session)``, flush, answer 201.
 - websocket ``/ws``: for each text message, add an item of that name, commit, and reply with
   ``str(id(db.session))``.
+- websocket ``/ws-fail``: receive a text message, add and flush an item of that name, reply
+  ``flushed``, then raise ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ClassVar
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from alchemy_scope import Database
 
@@ -46,10 +50,26 @@ MakeApp = Callable[[Database], Any]
 @asynccontextmanager
 async def asgi_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client that calls ``app`` in-process, with its lifespan run around it."""
-    async with LifespanManager(app) as manager:
+    async with LifespanManager(_copying_lifespan_state(app)) as manager:
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
+
+
+def _copying_lifespan_state(app: Any) -> Any:
+    """Give each request a shallow copy of the lifespan state, as the ASGI spec requires.
+
+    asgi-lifespan 2.1 hands every request the lifespan's own state dict (servers copy it);
+    Litestar caches a request's parsed query and path there, so without a copy the second
+    request of a client would read the first one's parameters.
+    """
+
+    async def app_with_copied_state(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan" and "state" in scope:
+            scope = {**scope, "state": dict(scope["state"])}
+        await app(scope, receive, send)
+
+    return app_with_copied_state
 
 
 class AdapterScenarios:
@@ -189,6 +209,19 @@ class AdapterScenarios:
             assert first_ids != second_ids
             await assert_no_leaks(db)
         assert sorted(await item_names(db)) == ["a", "b", "c"]
+
+    async def test_a_websocket_handler_that_raises_commits_nothing(
+        self, autocommit_db: Database
+    ) -> None:
+        """Through a real server: an autocommit websocket whose handler raised is rolled back."""
+        async with self.serve(self.app(autocommit_db)) as url:
+            async with connect(url.replace("http://", "ws://") + "/ws-fail") as client:
+                await client.send("doomed")
+                assert await client.recv() == "flushed"
+                with pytest.raises(ConnectionClosed):
+                    await client.recv()
+            await assert_no_leaks(autocommit_db)
+        assert await item_names(autocommit_db) == []
 
     async def test_a_real_server_serves_requests_with_sessions(self, db: Database) -> None:
         """End to end through a real server on 127.0.0.1: writes, reads, no leaks."""

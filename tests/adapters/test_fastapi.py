@@ -105,6 +105,14 @@ def make_fastapi_app(db: Database) -> FastAPI:
         except WebSocketDisconnect:
             pass
 
+    @app.websocket("/ws-fail")
+    async def ws_fail(websocket: WebSocket) -> None:
+        await websocket.accept()
+        db.session.add(Item(name=await websocket.receive_text()))
+        await db.session.flush()
+        await websocket.send_text("flushed")
+        raise RuntimeError("websocket handler failed")
+
     return app
 
 

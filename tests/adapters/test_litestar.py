@@ -134,9 +134,17 @@ def make_litestar_app(
         except WebSocketDisconnect:
             pass
 
+    @websocket("/ws-fail")
+    async def ws_fail(socket: WebSocket[Any, Any, Any]) -> None:
+        await socket.accept()
+        db.session.add(Item(name=await socket.receive_text()))
+        await db.session.flush()
+        await socket.send_text("flushed")
+        raise RuntimeError("websocket handler failed")
+
     return Litestar(
         route_handlers=[
-            *(ping, create_item, fail, identity, stream, background, orphan, ws),
+            *(ping, create_item, fail, identity, stream, background, orphan, ws, ws_fail),
             *more_handlers,
         ],
         plugins=[plugin or AlchemyScopePlugin(db)],
@@ -145,34 +153,13 @@ def make_litestar_app(
     )
 
 
-def copying_lifespan_state(app: ASGIApp) -> ASGIApp:
-    """Give each request a shallow copy of the lifespan state, as the ASGI spec requires.
-
-    asgi-lifespan 2.1 (behind ``asgi_client``) hands every request the lifespan's own state
-    dict; Litestar caches a request's parsed query and path in it, so without a copy the
-    second request of a client would read the first one's parameters. Uvicorn copies.
-    """
-
-    async def app_with_copied_state(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "lifespan" and "state" in scope:
-            scope = {**scope, "state": dict(scope["state"])}
-        await app(scope, receive, send)
-
-    return app_with_copied_state
-
-
-def make_scenario_app(db: Database) -> ASGIApp:
-    """The Litestar app of the scenarios, as served by a spec-conforming server."""
-    return copying_lifespan_state(make_litestar_app(db))
-
-
 def litestar_client(app: Litestar) -> AbstractAsyncContextManager[httpx.AsyncClient]:
-    """``asgi_client`` for a Litestar app, each request with its own lifespan state."""
-    return asgi_client(copying_lifespan_state(app))
+    """``asgi_client`` for a Litestar app."""
+    return asgi_client(app)
 
 
 class TestLitestar(AdapterScenarios):
-    make_app = staticmethod(make_scenario_app)
+    make_app = staticmethod(make_litestar_app)
     background_in_request_scope = True
 
 

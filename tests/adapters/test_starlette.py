@@ -97,6 +97,13 @@ def make_starlette_app(db: Database, *, lifespan: object = None) -> Starlette:
         except WebSocketDisconnect:
             pass
 
+    async def ws_fail(websocket: WebSocket) -> None:
+        await websocket.accept()
+        db.session.add(Item(name=await websocket.receive_text()))
+        await db.session.flush()
+        await websocket.send_text("flushed")
+        raise RuntimeError("websocket handler failed")
+
     app = Starlette(
         routes=[
             Route("/ping", ping),
@@ -107,6 +114,7 @@ def make_starlette_app(db: Database, *, lifespan: object = None) -> Starlette:
             Route("/background/{name}", background, methods=["POST"]),
             Route("/orphan", orphan, methods=["POST"]),
             WebSocketRoute("/ws", ws),
+            WebSocketRoute("/ws-fail", ws_fail),
         ],
         lifespan=lifespan,  # type: ignore[arg-type]
     )
@@ -157,6 +165,35 @@ async def test_other_middleware_runs_inside_the_scope(db: Database) -> None:
         assert (await client.post("/items/audited?commit=1")).status_code == 201
     assert seen == [True]
     assert await item_names(db) == ["audited"]
+
+
+async def test_an_exception_answered_by_a_handler_commits_nothing(
+    autocommit_db: Database,
+) -> None:
+    """An exception that an exception handler turns into a 2xx still rolls back (autocommit)."""
+
+    class ConflictError(Exception):
+        pass
+
+    async def conflict_handler(_request: Request, _exc: Exception) -> Response:
+        return JSONResponse({"handled": True}, status_code=200)
+
+    def sync_conflict_handler(_request: Request, _exc: Exception) -> Response:
+        return JSONResponse({"handled": "in a thread"}, status_code=200)
+
+    async def fails_after_writing(request: Request) -> Response:
+        autocommit_db.session.add(Item(name=request.path_params["name"]))
+        await autocommit_db.session.flush()
+        raise (ConflictError if request.path_params["name"] == "async" else LookupError)()
+
+    app = Starlette(routes=[Route("/{name}", fails_after_writing, methods=["POST"])])
+    install(app, autocommit_db)
+    app.add_exception_handler(ConflictError, conflict_handler)  # added after install(): still seen
+    app.add_exception_handler(LookupError, sync_conflict_handler)
+    async with asgi_client(app) as client:
+        assert (await client.post("/async")).json() == {"handled": True}
+        assert (await client.post("/sync")).json() == {"handled": "in a thread"}
+    assert await item_names(autocommit_db) == []
 
 
 def test_install_twice_raises_a_clear_error(db: Database) -> None:

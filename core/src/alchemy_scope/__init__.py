@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from ._core import Scope, ScopeBlock, current_scope, scope
+from ._core import Scope, ScopeBlock, current_scope, fail_current_scope, scope
 from ._database import CommitPolicy, Database, ScopedSession, dispose_all
 from ._errors import (
     AlchemyScopeError,
@@ -37,5 +37,6 @@ __all__ = [
     "SharedConnectionBusyError",
     "current_scope",
     "dispose_all",
+    "fail_current_scope",
     "scope",
 ]

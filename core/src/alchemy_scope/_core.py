@@ -235,6 +235,18 @@ def scope(*, serialize: bool = False) -> ScopeBlock:
     return ScopeBlock(current)
 
 
+def fail_current_scope() -> None:
+    """Mark the current scope as failed, if one is open: nothing in it will be committed.
+
+    Integrations call it where the framework answers an exception itself (an exception
+    handler, a websocket it closes), so that work which raised is never committed by policy,
+    whatever response the client got.
+    """
+    current = _current_scope.get()
+    if current is not None:
+        current.failed = True
+
+
 def current_scope() -> Scope:
     """Return the scope this code runs in.
 

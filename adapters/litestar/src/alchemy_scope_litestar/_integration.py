@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import suppress
 from typing import cast
 
 from litestar.config.app import AppConfig
@@ -17,10 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from alchemy_scope import (
     AlreadyInstalledError,
     Database,
-    NoScopeError,
     ScopeMiddleware,
-    current_scope,
     dispose_all,
+    fail_current_scope,
 )
 
 # ScopeMiddleware takes scopes as plain mappings; Litestar types them as TypedDicts.
@@ -110,8 +108,7 @@ async def _fail_current_scope(_exc: Exception, _connection: Scope) -> None:
     Litestar turns the exception into a response or a websocket close code before it could
     reach the middleware; whatever status an exception handler chose, the work failed.
     """
-    with suppress(NoScopeError):  # raised outside the routes, where no scope is open
-        current_scope().failed = True
+    fail_current_scope()  # outside the routes no scope is open: nothing to do
 
 
 def _is_scope_middleware(middleware: object) -> bool:

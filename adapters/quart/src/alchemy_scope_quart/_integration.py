@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import suppress
 from typing import Any
 
 from quart import Quart, current_app
@@ -12,10 +11,9 @@ from quart.signals import got_request_exception, got_websocket_exception
 from alchemy_scope import (
     AlreadyInstalledError,
     Database,
-    NoScopeError,
     ScopeMiddleware,
-    current_scope,
     dispose_all,
+    fail_current_scope,
     scope,
 )
 
@@ -78,8 +76,8 @@ class AlchemyScope:
         app.asgi_app = middleware  # type: ignore[assignment,method-assign]
         # Quart turns an exception into its own answer (a 500, an error handler's response, a
         # websocket closed with code 1000), so the middleware may never see it: these signals do.
-        got_request_exception.connect(fail_current_scope, app)
-        got_websocket_exception.connect(fail_current_scope, app)
+        got_request_exception.connect(_fail_current_scope, app)
+        got_websocket_exception.connect(_fail_current_scope, app)
         to_dispose = (*self.databases, *databases)
 
         async def dispose_databases() -> None:
@@ -110,7 +108,6 @@ class AlchemyScope:
         current_app.add_background_task(run_in_own_scope)
 
 
-async def fail_current_scope(_app: Quart, **_signal_data: Any) -> None:
+async def _fail_current_scope(_app: Quart, **_signal_data: Any) -> None:
     """Mark the scope of the failed request or websocket as failed, so nothing is committed."""
-    with suppress(NoScopeError):  # the app was called directly, not through its asgi_app
-        current_scope().failed = True
+    fail_current_scope()
