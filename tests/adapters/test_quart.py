@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,13 @@ from alchemy_scope_quart import AlchemyScope
 from ..conftest import MakeDatabase
 from ..models import Item
 from ..servers import hypercorn_server
-from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, registry
+from ..support import (
+    add_write_that_fails_at_commit,
+    assert_no_leaks,
+    item_names,
+    registry,
+    run_readme_app,
+)
 from .scenarios import AdapterScenarios, asgi_client
 
 
@@ -296,3 +303,17 @@ async def test_plain_add_background_task_fails_loudly_and_leaks_nothing(db: Data
     assert registry(db) == {}
     await assert_no_leaks(db)
     assert await item_names(db) == []
+
+
+async def test_the_readme_app_works_when_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's complete app creates its table at startup and writes through db.session."""
+    monkeypatch.chdir(tmp_path)  # its SQLite file lands where a user would run it
+    namespace = run_readme_app("adapters/quart/README.md")
+    app: Quart = namespace["app"]
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        assert (await (await client.post("/notes/hello")).get_json()) == {"notes": 1}
+        assert (await (await client.post("/notes/again")).get_json()) == {"notes": 2}
+        await assert_no_leaks(namespace["db"])
