@@ -1,0 +1,57 @@
+"""Tests of the example, the way an app's own tests use alchemy-scope's pytest plugin."""
+
+from __future__ import annotations
+
+import httpx
+from app import Todo
+from sqlalchemy import select
+
+from alchemy_scope import Database
+
+
+async def test_a_created_todo_is_listed(client: httpx.AsyncClient) -> None:
+    """POST /todos creates a todo that GET /todos lists."""
+    created = await client.post("/todos", json={"title": "buy milk"})
+    assert created.status_code == 201
+    assert [todo["title"] for todo in (await client.get("/todos")).json()] == ["buy milk"]
+
+
+async def test_each_test_starts_from_an_empty_table(client: httpx.AsyncClient) -> None:
+    """What the previous test committed through the app was rolled back."""
+    assert (await client.get("/todos")).json() == []
+
+
+async def test_a_duplicate_title_is_a_conflict(client: httpx.AsyncClient) -> None:
+    """The second todo with one title is a 409, and only the first exists."""
+    assert (await client.post("/todos", json={"title": "once"})).status_code == 201
+    assert (await client.post("/todos", json={"title": "once"})).status_code == 409
+    assert len((await client.get("/todos")).json()) == 1
+
+
+async def test_a_validation_error_says_what_is_wrong(client: httpx.AsyncClient) -> None:
+    """A title that is not a string is a 400 whose detail names the field and the problem."""
+    response = await client.post("/todos", json={"title": 42})
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "Validation failed for POST /todos: title: Expected `str`, got `int`"
+    )
+
+
+async def test_the_test_body_sees_what_the_app_wrote(
+    client: httpx.AsyncClient, alchemy_db: Database
+) -> None:
+    """db.session in the test shares the test's transaction with the app's requests."""
+    await client.post("/todos", json={"title": "seen"})
+    async with alchemy_db.scope():
+        assert list(await alchemy_db.session.scalars(select(Todo.title))) == ["seen"]
+
+
+async def test_the_app_sees_what_the_test_body_wrote(
+    client: httpx.AsyncClient, alchemy_db: Database
+) -> None:
+    """A request sent inside the test's scope nests in it and sees its uncommitted writes."""
+    async with alchemy_db.scope():
+        alchemy_db.session.add(Todo(title="from the test", done=False))
+        await alchemy_db.session.flush()
+        listed = (await client.get("/todos")).json()
+    assert [todo["title"] for todo in listed] == ["from the test"]
