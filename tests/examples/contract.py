@@ -255,6 +255,20 @@ class TodoContract:
         assert statuses == [201] + [409] * 11
         assert await self.titles(client) == ["race"]
 
+    async def test_a_websocket_message_nested_too_deeply_is_answered(
+        self, todo_app: ModuleType
+    ) -> None:
+        """A message nested too deeply to decode gets a detail; the connection stays open."""
+        deep = '{"title": "x", "deep": ' + "[" * 50_000 + "]" * 50_000 + "}"
+        async with (
+            self.serve(todo_app.app) as url,
+            connect(url.replace("http://", "ws://") + "/todos/ws") as socket,
+        ):
+            await socket.send(deep)
+            assert isinstance(json.loads(await socket.recv())["detail"], str)
+            await socket.send(json.dumps({"title": "after"}))
+            assert json.loads(await socket.recv())["title"] == "after"
+
     async def test_through_a_real_server(self, todo_app: ModuleType) -> None:
         """Smoke test through a real server: HTTP routes, the export stream and the websocket."""
         async with self.serve(todo_app.app) as url:

@@ -1,10 +1,9 @@
-"""The Todo contract against examples/litestar, plus a websocket case."""
+"""The Todo contract against examples/litestar."""
 
 from __future__ import annotations
 
 from .contract import TodoContract
-from .test_quart_example import DeeplyNestedWebsocketMessage
 
 
-class TestLitestarExample(DeeplyNestedWebsocketMessage, TodoContract):
+class TestLitestarExample(TodoContract):
     example = "litestar"
