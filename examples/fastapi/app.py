@@ -20,7 +20,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from alchemy_scope import Database
+from alchemy_scope import Database, is_database_unavailable
 from alchemy_scope_fastapi import SessionDep, install
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///todos.db")
@@ -126,6 +126,16 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
         f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
     ]
     return JSONResponse({"detail": "; ".join(problems) or "Invalid request."}, status_code=422)
+
+
+@app.exception_handler(Exception)
+async def server_error(_request: Request, exc: Exception) -> JSONResponse:
+    """503 when the database is busy or down (retrying helps), else a plain JSON 500."""
+    if is_database_unavailable(exc):
+        return JSONResponse(
+            {"detail": "The database is busy or unavailable; try again shortly."}, status_code=503
+        )
+    return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
 
 
 # --- routes --------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from alchemy_scope import Database
+from alchemy_scope import Database, is_database_unavailable
 from alchemy_scope_litestar import AlchemyScopePlugin
 
 try:  # Litestar 2.25 wants each parameter's source declared
@@ -140,6 +140,19 @@ def validation_error(_request: Request[Any, Any, Any], exc: ValidationException)
     detail = f"{exc.detail}: {'; '.join(problems)}" if problems else exc.detail
     body = {"status_code": exc.status_code, "detail": detail, "extra": exc.extra}
     return Response(body, status_code=exc.status_code)
+
+
+def server_error(_request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Unhandled errors: 503 when the database is busy or down (retrying helps), else a 500."""
+    if is_database_unavailable(exc):
+        return Response(
+            {
+                "status_code": 503,
+                "detail": "The database is busy or unavailable; try again shortly.",
+            },
+            status_code=503,
+        )
+    return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
 
 
 def describe(problem: dict[str, Any]) -> str:
@@ -261,7 +274,7 @@ app = Litestar(
         todos_socket,
     ],
     on_startup=[create_tables],
-    exception_handlers={ValidationException: validation_error},
+    exception_handlers={ValidationException: validation_error, 500: server_error},
     plugins=[AlchemyScopePlugin(db)],
     request_class=TodoRequest,
 )

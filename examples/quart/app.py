@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound, UnprocessableEntity
 
-from alchemy_scope import Database
+from alchemy_scope import Database, is_database_unavailable
 from alchemy_scope_quart import AlchemyScope
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///todos.db")
@@ -71,6 +71,16 @@ async def create_tables() -> None:
 async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
     """Every error (aborts, unknown routes, Quart's own 400s and 500s) as a JSON detail."""
     return {"detail": error.description or error.name}, error.code or 500
+
+
+@app.errorhandler(Exception)
+async def server_error(error: Exception) -> tuple[dict[str, Any], int]:
+    """503 when the database is busy or down (retrying helps), else a plain JSON 500."""
+    if isinstance(error, HTTPException):  # Quart's own errors keep their status
+        return await http_error(error)
+    if is_database_unavailable(error):
+        return {"detail": "The database is busy or unavailable; try again shortly."}, 503
+    return {"detail": "Internal Server Error"}, 500
 
 
 # --- input validation: every bad input is a 4xx with a JSON "detail", never a 500 ----------

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from alchemy_scope import Database
+from alchemy_scope import Database, is_database_unavailable
 from alchemy_scope_starlette import install
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///todos.db")
@@ -227,6 +227,15 @@ async def http_error(_request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def server_error(_request: Request, exc: Exception) -> Response:
+    """503 when the database is busy or down (retrying helps), else a plain JSON 500."""
+    if is_database_unavailable(exc):
+        return JSONResponse(
+            {"detail": "The database is busy or unavailable; try again shortly."}, status_code=503
+        )
+    return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
+
+
 @asynccontextmanager
 async def lifespan(_app: Starlette) -> AsyncIterator[None]:
     async with db.engine.begin() as connection:
@@ -246,7 +255,7 @@ app = Starlette(
         Route("/todos/{todo_id:int}", delete_todo, methods=["DELETE"]),
         WebSocketRoute("/todos/ws", todos_socket),
     ],
-    exception_handlers={HTTPException: http_error},
+    exception_handlers={HTTPException: http_error, Exception: server_error},
     lifespan=lifespan,
 )
 install(app, db)

@@ -390,3 +390,37 @@ async def test_a_failed_commit_never_returns_its_transaction_to_the_pool(db: Dat
         db.session.add(Item(name="next request"))
         await db.session.commit()
     assert await item_names(db) == ["next request"]
+
+
+async def test_is_database_unavailable_tells_busy_and_down_from_wrong(
+    make_db: MakeDatabase, database_url: str
+) -> None:
+    """A pool timeout and an unreachable server are 'unavailable'; a constraint is not."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import IntegrityError
+
+    from alchemy_scope import is_database_unavailable
+
+    db = make_db(engine_options={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.1})
+    async with db.engine.connect():  # the only connection is taken
+        with pytest.raises(Exception) as busy:  # noqa: PT011 - classified below
+            async with db.scope():
+                await db.session.execute(text("SELECT 1"))
+    assert is_database_unavailable(busy.value)
+
+    async with db.scope():
+        db.session.add(Item(name="twin"))
+        await db.session.commit()
+    with pytest.raises(IntegrityError) as wrong:
+        async with db.scope():
+            db.session.add(Item(name="twin"))
+            await db.session.commit()
+    assert not is_database_unavailable(wrong.value)
+
+    if database_url != "sqlite":  # a server that is not there: a port nothing listens on
+        unreachable = Database(make_url(database_url).set(port=1).render_as_string(False))
+        with pytest.raises(Exception) as refused:  # noqa: PT011 - classified below
+            async with unreachable.scope():
+                await unreachable.session.execute(text("SELECT 1"))
+        await unreachable.dispose()
+        assert is_database_unavailable(refused.value)

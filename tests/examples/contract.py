@@ -269,6 +269,29 @@ class TodoContract:
             await socket.send(json.dumps({"title": "after"}))
             assert json.loads(await socket.recv())["title"] == "after"
 
+    async def test_no_free_connection_is_a_503_and_health_still_answers(
+        self, leg_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With every pooled connection taken, database routes say 503; /health still answers."""
+        monkeypatch.setenv("DATABASE_URL", leg_url)
+        for setting, value in (("POOL_SIZE", "1"), ("MAX_OVERFLOW", "0"), ("POOL_TIMEOUT", "1")):
+            monkeypatch.setenv(f"DATABASE_{setting}", value)
+        module = load_example(self.example)
+        try:
+            async with asgi_client(module.app) as client:
+                assert (await client.post("/todos", json={"title": "first"})).status_code == 201
+                async with module.db.engine.connect():  # the only connection is taken
+                    assert (await client.get("/health")).status_code == 200
+                    self.assert_error(await client.get("/todos"), 503)
+                    self.assert_error(await client.post("/todos", json={"title": "x"}), 503)
+                assert [todo["title"] for todo in (await client.get("/todos")).json()] == ["first"]
+            await assert_no_leaks(module.db)
+        finally:
+            async with module.db.engine.begin() as connection:
+                await connection.run_sync(module.Base.metadata.drop_all)
+            await module.db.dispose()
+            sys.modules.pop(module.__name__, None)
+
     async def test_through_a_real_server(self, todo_app: ModuleType) -> None:
         """Smoke test through a real server: HTTP routes, the export stream and the websocket."""
         async with self.serve(todo_app.app) as url:

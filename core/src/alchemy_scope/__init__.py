@@ -19,6 +19,7 @@ from ._errors import (
     NoScopeError,
     ScopeClosedError,
     SharedConnectionBusyError,
+    is_database_unavailable,
 )
 from ._middleware import ScopeMiddleware
 
@@ -38,5 +39,6 @@ __all__ = [
     "current_scope",
     "dispose_all",
     "fail_current_scope",
+    "is_database_unavailable",
     "scope",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sqlalchemy import exc as sa_exc
+
 
 class AlchemyScopeError(Exception):
     """Base class of every exception alchemy-scope raises."""
@@ -69,3 +71,37 @@ class AlreadyInstalledError(AlchemyScopeError, RuntimeError):
             f"scopes and dispose engines twice. Install it once, with every database: "
             f"{how_to_install_once}."
         )
+
+
+# SQLSTATE classes that mean "not now" rather than "wrong": connection exception,
+# insufficient resources (too many connections), operator intervention (shutting down,
+# starting up).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+
+
+def is_database_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` means the database cannot serve the request right now.
+
+    True when no pooled connection came free within the pool's timeout, when the server
+    refuses, drops or resets the connection, is starting up or shutting down, or has no
+    connection slot left: cases where an app should answer 503 (try again later), unlike a
+    constraint violation or a bad query. Exception handlers use it to tell the two apart.
+
+    Args:
+        error: An exception raised while using the database.
+
+    Returns:
+        Whether retrying later could succeed without any change to the request.
+    """
+    if isinstance(error, sa_exc.TimeoutError):  # no pooled connection free in time
+        return True
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated or isinstance(
+            error, (sa_exc.OperationalError, sa_exc.InterfaceError)
+        ):
+            return True
+        return error.orig is not None and is_database_unavailable(error.orig)
+    if isinstance(error, OSError):  # refused, reset, unreachable, timed out
+        return True
+    sqlstate = getattr(error, "sqlstate", None)  # drivers' own errors raised while connecting
+    return isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
