@@ -24,6 +24,8 @@ from .support import (
 )
 
 pytest_plugins = ["pytester"]
+# The shared scenario and contract modules hold assertions too: show their values on failure.
+pytest.register_assert_rewrite("tests.adapters.scenarios", "tests.examples.contract")
 
 MakeDatabase = Callable[..., Database]
 
