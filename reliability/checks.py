@@ -410,12 +410,15 @@ async def isolation(target: Target) -> Result:
         if report["seen"] != [tenant] or report["rows"] != report["again"]:
             result.failures.add(f"tenant {tenant}'s session held {report}")
 
-    requests = target.settings.isolation_requests
-    await run_workers(target.base_url, target.settings.concurrency, range(requests), work)
+    requests, concurrency = (
+        target.settings.isolation_requests,
+        target.settings.isolation_concurrency,
+    )
+    await run_workers(target.base_url, concurrency, range(requests), work)
     result.failures.extend(await target.checkpoint(data=False))
     held = "only its own tenant's rows" if result.passed else "other tenants' rows (see below)"
     result.detail = (
-        f"{requests} requests over {TENANTS} tenants, {target.settings.concurrency} at once; "
+        f"{requests} requests over {TENANTS} tenants, {concurrency} at once; "
         f"each identity map held {held}"
     )
     return result
@@ -423,7 +426,7 @@ async def isolation(target: Target) -> Result:
 
 # --- the pool exhausted ----------------------------------------------------------------------
 
-SLOW_SECONDS = POOL_TIMEOUT + 3
+SLOW_SECONDS = POOL_TIMEOUT + 2
 
 
 async def pool_exhausted(target: Target) -> Result:
@@ -617,8 +620,8 @@ async def credentials_rotated(target: Target) -> Result:
     return result
 
 
-CHECKS: list[Check] = [  # the memory soak starts with isolation: the ones before restart the
-    load,  # database or take the password away, and the soak uses the same PostgreSQL
+CHECKS: list[Check] = [
+    load,
     disconnects,
     cancelled,
     failed_commits,

@@ -18,7 +18,7 @@ from .routes import MISSING_PARENT_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL_SIZE = 5
-POOL_TIMEOUT = 3  # seconds; DATABASE_POOL_TIMEOUT takes whole seconds
+POOL_TIMEOUT = 5  # seconds (whole): well above the waits of the load, on a loaded machine too
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class Settings:
     cancelled: int = 200
     failed_commits: int = 200
     isolation_requests: int = 600
-    fuzz_examples: int = 40
-    schema_examples: int = 30
+    isolation_concurrency: int = 50
+    fuzz_examples: int = 30
+    schema_examples: int = 25
     memory_requests: int = 50_000
     memory_warmup: int = 10_000
 
