@@ -6,6 +6,7 @@ URL); the default is the SQLite file ``todos.db`` in the working directory.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,12 +18,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 from sqlalchemy import String, select
 from sqlalchemy.dialects import mysql
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from alchemy_scope import Database, is_database_unavailable
 from alchemy_scope_fastapi import SessionDep, install
 
+logger = logging.getLogger(__name__)
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///todos.db")
 # autocommit: a request that answers below 400 is committed before its response is sent;
 # anything else (a 409, a 422, an exception) is rolled back.
@@ -128,13 +130,14 @@ async def validation_error(_request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": "; ".join(problems) or "Invalid request."}, status_code=422)
 
 
-@app.exception_handler(Exception)
+@app.exception_handler(SQLAlchemyError)
+@app.exception_handler(OSError)  # asyncpg cannot connect: refused, reset, unreachable
 async def server_error(_request: Request, exc: Exception) -> JSONResponse:
-    """503 when the database is busy or down (retrying helps), else a plain JSON 500."""
+    """503 when the database is busy or down (retrying helps), else a logged JSON 500."""
     if is_database_unavailable(exc):
-        return JSONResponse(
-            {"detail": "The database is busy or unavailable; try again shortly."}, status_code=503
-        )
+        detail = "The database is busy or unavailable; try again shortly."
+        return JSONResponse({"detail": detail}, status_code=503)
+    logger.error("Unexpected database error", exc_info=exc)
     return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
 
 

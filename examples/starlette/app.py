@@ -7,6 +7,7 @@ URL); the default is the SQLite file ``todos.db`` in the working directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import String, select
 from sqlalchemy.dialects import mysql
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,6 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from alchemy_scope import Database, is_database_unavailable
 from alchemy_scope_starlette import install
 
+logger = logging.getLogger(__name__)
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///todos.db")
 # autocommit: a request that answers below 400 is committed before its response is sent;
 # anything else (a 409, a 422, an exception) is rolled back.
@@ -228,11 +230,11 @@ async def http_error(_request: Request, exc: Exception) -> Response:
 
 
 async def server_error(_request: Request, exc: Exception) -> Response:
-    """503 when the database is busy or down (retrying helps), else a plain JSON 500."""
+    """503 when the database is busy or down (retrying helps), else a logged JSON 500."""
     if is_database_unavailable(exc):
-        return JSONResponse(
-            {"detail": "The database is busy or unavailable; try again shortly."}, status_code=503
-        )
+        detail = "The database is busy or unavailable; try again shortly."
+        return JSONResponse({"detail": detail}, status_code=503)
+    logger.error("Unexpected database error", exc_info=exc)
     return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
 
 
@@ -255,7 +257,11 @@ app = Starlette(
         Route("/todos/{todo_id:int}", delete_todo, methods=["DELETE"]),
         WebSocketRoute("/todos/ws", todos_socket),
     ],
-    exception_handlers={HTTPException: http_error, Exception: server_error},
+    exception_handlers={
+        HTTPException: http_error,
+        SQLAlchemyError: server_error,
+        OSError: server_error,  # asyncpg cannot connect: refused, reset, unreachable
+    },
     lifespan=lifespan,
 )
 install(app, db)
