@@ -9,20 +9,7 @@ from .target import Rows
 
 # Failures that are understood and reported, waiting for a fix outside reliability/: the check
 # still fails (and the run exits non-zero) until it is fixed; the table says why.
-KNOWN: dict[str, str] = {
-    "pool exhausted": (
-        "a request that finds no pooled connection free within the pool timeout gets a bare "
-        "500; it should get a 503 saying the database is busy (the example needs a handler "
-        "for sqlalchemy.exc.TimeoutError and the connection errors)."
-    ),
-    "postgres restart": (
-        "in Starlette and FastAPI an error handler keyed on Exception (or none) runs inside "
-        "ServerErrorMiddleware, which answers and then re-raises to uvicorn; uvicorn closes "
-        "the keep-alive connection, and the client's next request on it is cut without an "
-        "answer. Keying the handler on sqlalchemy.exc.SQLAlchemyError and OSError avoids it."
-    ),
-    "credentials rotated": "as for the PostgreSQL restart: keep-alive connections cut.",
-}
+KNOWN: dict[str, str] = {}
 
 
 @dataclass
