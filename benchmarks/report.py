@@ -229,12 +229,12 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
                     capsize=2,
                 )
                 for x, median in zip(xs, medians, strict=True):
-                    if median < floor:
+                    if median < floor or median > ceiling:
                         ax.annotate(
                             f"{median:.2f}",
-                            (x, floor),
+                            (x, min(max(median, floor), ceiling)),
                             textcoords="offset points",
-                            xytext=(0, 6),
+                            xytext=(0, 6 if median < floor else -12),
                             ha="center",
                             fontsize=7,
                             color=colors(index),
@@ -278,11 +278,16 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
         "## How quiet the machine was",
         "",
-        "| phase | seconds | load average before (1, 5, 15 min) | after |",
-        "| --- | ---: | --- | --- |",
+        "Cores busy outside the run: the machine's busy CPU time during the phase minus that "
+        "of this run's own processes, per second (2 cores in all). It includes the PostgreSQL "
+        "server working for the run.",
+        "",
+        "| phase | seconds | cores busy outside the run | load average before (1, 5, 15 min) "
+        "| after |",
+        "| --- | ---: | ---: | --- | --- |",
         *(
-            f"| {p['phase']} | {p['seconds']} | {p['load_average_before']} "
-            f"| {p['load_average_after']} |"
+            f"| {p['phase']} | {p['seconds']} | {p['cores_busy_outside']:.2f} "
+            f"| {p['load_average_before']} | {p['load_average_after']} |"
             for p in results["phases"]
         ),
         "",

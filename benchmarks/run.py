@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -54,7 +55,7 @@ class Settings:
     memory_requests: int
 
 
-FULL = Settings(30, 100_000, 10, 0.1, 3, 1, None, 100_000)
+FULL = Settings(30, 100_000, 12, 0.05, 3, 1, None, 100_000)
 QUICK = Settings(3, 20_000, 2, 0.02, 1, 1, [("ping", "sqlite"), ("insert", "postgresql")], 10_000)
 
 
@@ -71,9 +72,20 @@ def wait_for_quiet(limit: float, patience: float) -> None:
         time.sleep(20)
 
 
-def python_module(*args: str) -> None:
-    """Run ``python -m ARGS`` from the repository root; fail if it fails."""
-    subprocess.run([sys.executable, "-m", *args], cwd=ROOT, check=True)
+def python_module(*args: str, attempts: int = 2) -> None:
+    """Run ``python -m ARGS`` from the repository root; try again once if it fails.
+
+    The PostgreSQL server is shared: a run can fail for want of a free connection.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            subprocess.run([sys.executable, "-m", *args], cwd=ROOT, check=True)
+            return
+        except subprocess.CalledProcessError:
+            if attempt == attempts:
+                raise
+            print("failed: trying again in 10 s", file=sys.stderr, flush=True)
+            time.sleep(10)
 
 
 async def prepare(databases: dict[str, str]) -> dict[str, str]:
@@ -128,6 +140,24 @@ def environment(database_versions: dict[str, str], generator: str) -> dict[str, 
     }
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since it booted (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the measuring processes)."""
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
+
+
 class Phases:
     """Runs the phases and records how long each took and how busy the machine was."""
 
@@ -135,15 +165,23 @@ class Phases:
         self.log: list[dict[str, Any]] = []
 
     def run(self, name: str, work: Any) -> Any:
-        """Run ``work()`` as the phase ``name``."""
+        """Run ``work()`` as the phase ``name``.
+
+        Besides the load averages, it records how many cores were busy on average outside
+        the processes of this run: other work on the machine, and the PostgreSQL server.
+        """
         print(f"== {name} (load average {load_average():.2f})", flush=True)
         started, load_before = time.monotonic(), os.getloadavg()
+        busy_before, own_before = busy_cpu_seconds(), own_cpu_seconds()
         result = work()
-        print(f"   {time.monotonic() - started:.0f} s", flush=True)
+        seconds = time.monotonic() - started
+        others = (busy_cpu_seconds() - busy_before) - (own_cpu_seconds() - own_before)
+        print(f"   {seconds:.0f} s, {others / seconds:.2f} cores busy outside", flush=True)
         self.log.append(
             {
                 "phase": name,
-                "seconds": round(time.monotonic() - started, 1),
+                "seconds": round(seconds, 1),
+                "cores_busy_outside": round(max(0.0, others) / seconds, 2),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
             }

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -162,14 +163,33 @@ def measure_group(
                 order = variants[:]
                 shuffler.shuffle(order)
                 for variant in order:
-                    server = running[variant.key]
-                    if pooled and route.uses_database:
-                        warm(route, server.port, 2)  # fills the pool
-                    rps = loader.load(route, server.port)
+                    rps = load_with_retries(running[variant.key], route, loader, pooled=pooled)
                     samples.setdefault((route.name, variant.key), []).append(rps)
-                    if pooled:
-                        server.empty_pool()
     return samples
+
+
+def load_with_retries(
+    server: Server, route: BenchRoute, loader: Wrk | PythonLoad, *, pooled: bool, attempts: int = 3
+) -> float:
+    """Load one server on one route; retry when responses failed.
+
+    The PostgreSQL server is shared with whatever else runs on the machine: when it has no
+    connection left for a moment, the requests fail, and the load is run again 5 s later.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            if pooled and route.uses_database:
+                warm(route, server.port, 2)  # fills the pool
+            return loader.load(route, server.port)
+        except RuntimeError as error:
+            if attempt == attempts:
+                raise
+            print(f"{error}\nretrying in 5 s", file=sys.stderr, flush=True)
+            time.sleep(5)
+        finally:
+            if pooled:
+                server.empty_pool()
+    raise AssertionError("unreachable")
 
 
 def measure(
