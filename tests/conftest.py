@@ -58,7 +58,8 @@ async def make_db(leg_url: str) -> AsyncIterator[MakeDatabase]:
 
     def make(**options: Any) -> Database:
         if url.startswith("sqlite"):  # a real pool to check for leaks (older SQLAlchemy: NullPool)
-            options.setdefault("engine_options", {"poolclass": AsyncAdaptedQueuePool})
+            engine_options = options.get("engine_options", {})
+            options["engine_options"] = {"poolclass": AsyncAdaptedQueuePool, **engine_options}
         database = Database(url, **options)
         if database.engine.dialect.name == "sqlite":
             event.listen(database.engine.sync_engine, "connect", _enable_sqlite_foreign_keys)

@@ -20,6 +20,7 @@ from sqlalchemy import String, select
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from alchemy_scope import Database, is_database_unavailable
 from alchemy_scope_fastapi import SessionDep, install
@@ -34,6 +35,8 @@ POOL = {
     for option in ("pool_size", "max_overflow", "pool_timeout")
     if f"DATABASE_{option.upper()}" in os.environ
 }
+if POOL and DATABASE_URL.startswith("sqlite"):  # SQLAlchemy < 2.0.38 gives SQLite no pool
+    POOL["poolclass"] = AsyncAdaptedQueuePool
 db = Database(DATABASE_URL, commit="autocommit", engine_options={"pool_pre_ping": True, **POOL})
 
 MAX_TITLE = 200
