@@ -74,18 +74,27 @@ async def call_many(app: Any, calls: int) -> float:
     return (time.perf_counter_ns() - started) / calls
 
 
-async def timings(rounds: int, calls: int, seed: int) -> dict[str, list[float]]:
-    """Nanoseconds per request of every app, one sample per round, in shuffled order."""
+async def interleaved(
+    apps: dict[str, tuple[Any, bool]], rounds: int, calls: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Nanoseconds per request of every app, one sample per round, in shuffled order.
+
+    Args:
+        apps: name -> (app, whether an autocommit ``Database`` exists while it runs).
+        rounds: How many samples of each app.
+        calls: Calls per sample.
+        seed: Seeds the order of the apps in each round.
+    """
     shuffler = random.Random(seed)
-    names = list(APPS)
+    names = list(apps)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for name in names:  # warm up
-        policies.autocommit = APPS[name][1]
-        await call_many(APPS[name][0], calls // 10)
+        policies.autocommit = apps[name][1]
+        await call_many(apps[name][0], calls // 10)
     for _ in range(rounds):
         shuffler.shuffle(names)
         for name in names:
-            app, autocommit = APPS[name]
+            app, autocommit = apps[name]
             policies.autocommit = autocommit  # what Database(..., commit="autocommit") sets
             gc.collect()
             samples[name].append(await call_many(app, calls))
@@ -160,7 +169,7 @@ def main() -> None:
 
     async def run() -> dict[str, Any]:
         return {
-            "ns_per_request": await timings(args.rounds, args.calls, args.seed),
+            "ns_per_request": await interleaved(APPS, args.rounds, args.calls, args.seed),
             "memory": await memory(min(args.calls, 20_000)),
             "calls_per_round": args.calls,
         }

@@ -20,11 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import make_url
 
@@ -155,7 +155,7 @@ def measure_group(
     with servers(variants, database_url) as running:
         for server in running.values():
             for route in routes:
-                warm(route, server.port, 5)
+                retrying(lambda server=server, route=route: warm(route, server.port, 5))
             if pooled:
                 server.empty_pool()
         for _ in range(rounds):
@@ -168,28 +168,42 @@ def measure_group(
     return samples
 
 
-def load_with_retries(
-    server: Server, route: BenchRoute, loader: Wrk | PythonLoad, *, pooled: bool, attempts: int = 3
-) -> float:
-    """Load one server on one route; retry when responses failed.
+T = TypeVar("T")
+ATTEMPTS = 6
+
+
+def retrying(work: Callable[[], T]) -> T:
+    """Run ``work()``; when it fails, wait 10 s and run it again, up to 6 times in all.
 
     The PostgreSQL server is shared with whatever else runs on the machine: when it has no
-    connection left for a moment, the requests fail, and the load is run again 5 s later.
+    connection left for a moment, requests fail (a 500, or a connection reset).
     """
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return work()
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+            if attempt == ATTEMPTS:
+                raise
+            print(f"{error!r}\nretrying in 10 s", file=sys.stderr, flush=True)
+            time.sleep(10)
+    raise AssertionError("unreachable")
+
+
+def load_with_retries(
+    server: Server, route: BenchRoute, loader: Wrk | PythonLoad, *, pooled: bool
+) -> float:
+    """Load one server on one route, retrying; on PostgreSQL fill its pool first, empty it after."""
+
+    def load() -> float:
         try:
             if pooled and route.uses_database:
                 warm(route, server.port, 2)  # fills the pool
             return loader.load(route, server.port)
-        except RuntimeError as error:
-            if attempt == attempts:
-                raise
-            print(f"{error}\nretrying in 5 s", file=sys.stderr, flush=True)
-            time.sleep(5)
         finally:
             if pooled:
                 server.empty_pool()
-    raise AssertionError("unreachable")
+
+    return retrying(load)
 
 
 def measure(
