@@ -33,7 +33,9 @@ from alchemy_scope import (
     AlreadyInstalledError,
     ConcurrentSessionUseError,
     Database,
+    NoScopeError,
     Scope,
+    ScopeMiddleware,
     current_scope,
 )
 from alchemy_scope_litestar import AlchemyScopePlugin
@@ -304,6 +306,29 @@ def test_misuse_raises_errors_that_say_what_to_do() -> None:
             dependencies={"db_session": Provide(count_through_the_session)},
             plugins=[AlchemyScopePlugin(db)],
         )
+
+
+async def test_scopes_open_with_the_lifespan_once_however_often_it_runs(db: Database) -> None:
+    """Before the lifespan no scope opens (NoScopeError names it); two lifespans wrap once."""
+
+    @get("/scope")
+    async def scope_of_request() -> dict[str, Any]:
+        try:
+            current = current_scope()
+        except NoScopeError as error:
+            return {"error": str(error)}
+        return {"nested": current.parent is not None, "same": db.session is db.session}
+
+    app = Litestar([scope_of_request], plugins=[AlchemyScopePlugin(db)])
+    transport = httpx.ASGITransport(app=app)  # no lifespan
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert "`with TestClient(app) as client:`" in (await client.get("/scope")).json()["error"]
+    for _ in range(2):
+        async with litestar_client(app) as client:
+            assert (await client.get("/scope")).json() == {"nested": False, "same": True}
+    assert isinstance(app.asgi_handler, ScopeMiddleware)
+    assert not isinstance(app.asgi_handler.app, ScopeMiddleware)
+    await assert_no_leaks(db)
 
 
 async def test_middleware_exception_handlers_and_hooks_run_inside_the_scope(db: Database) -> None:

@@ -19,7 +19,9 @@ class NoScopeError(AlchemyScopeError, LookupError):
             "that every request opens a scope (for example "
             "`alchemy_scope_starlette.install(app, db)`, or add "
             "`alchemy_scope.ScopeMiddleware` to any ASGI app); in scripts, jobs and tests, "
-            "wrap the work in `async with db.scope(): ...`."
+            "wrap the work in `async with db.scope(): ...`. Litestar's AlchemyScopePlugin "
+            "opens scopes once the app has started: run its lifespan (in tests, "
+            "`with TestClient(app) as client:`)."
         )
 
 
