@@ -117,4 +117,3 @@ async def _fail_current_scope(_exc: Exception, _connection: Scope) -> None:
     reach the middleware; whatever status an exception handler chose, the work failed.
     """
     fail_current_scope()  # outside the routes no scope is open: nothing to do
-
