@@ -28,9 +28,16 @@ DATABASE_MIN_RATIO = 0.99
 
 
 def spread(values: Iterable[float]) -> dict[str, float]:
-    """Median, min and max."""
+    """Median, min, max and the quartiles (``q1``, ``q3``: the middle half of the rounds)."""
     ordered = sorted(values)
-    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1]}
+    q1, _, q3 = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else ordered * 3
+    return {
+        "median": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "q1": q1,
+        "q3": q3,
+    }
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -210,8 +217,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
                         ratio = found[0]["ratio"]
                         xs.append(position - 0.4 + width * (index + 0.5))
                         medians.append(ratio["median"])
-                        lows.append(ratio["min"])
-                        highs.append(ratio["max"])
+                        lows.append(ratio["q1"])
+                        highs.append(ratio["q3"])
                 clipped = [min(max(m, floor), ceiling) for m in medians]
                 ax.errorbar(
                     xs,
@@ -254,7 +261,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
                 ax.legend(fontsize=7, loc="lower right")
     figure.suptitle(
         "Requests per second relative to the same framework with a session opened in each "
-        "handler (median of the rounds, whiskers min to max; dashed 0.97, dotted 0.99)",
+        "handler (median of the rounds, whiskers the middle half of them; dashed 0.97, "
+        "dotted 0.99)",
         fontsize=11,
     )
     figure.tight_layout(rect=(0, 0, 1, 0.97))

@@ -54,7 +54,7 @@ VARIANTS = [
     Variant("fastapi", "yield_dependency", "yield dependency", "alternative"),
     Variant("fastapi", "fastapi_async_sqlalchemy", "fastapi-async-sqlalchemy", "alternative"),
     Variant("litestar", "bare", "Litestar, session per handler", "baseline"),
-    Variant("litestar", "alchemy_scope", "alchemy-scope (db_session)", "alchemy-scope"),
+    Variant("litestar", "alchemy_scope", "alchemy-scope (injected db_session)", "alchemy-scope"),
     Variant("litestar", "alchemy_scope_global", "alchemy-scope (db.session)", "alchemy-scope"),
     Variant("litestar", "advanced_alchemy", "advanced-alchemy SQLAlchemyPlugin", "alternative"),
     Variant("quart", "bare", "Quart, session per handler", "baseline"),

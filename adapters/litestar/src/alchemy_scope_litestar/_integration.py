@@ -116,4 +116,4 @@ async def _fail_current_scope(_exc: Exception, _connection: Scope) -> None:
     Litestar turns the exception into a response or a websocket close code before it could
     reach the middleware; whatever status an exception handler chose, the work failed.
     """
-    fail_current_scope()  # outside the routes no scope is open: nothing to do
+    fail_current_scope()  # before the lifespan has run no scope is open: nothing to do
