@@ -28,6 +28,13 @@ def dispose_on_sigusr1(engine: AsyncEngine) -> None:
     disposals: set[asyncio.Task[None]] = set()
 
     async def dispose_and_report() -> None:
+        # Requests the load generator gave up on may still hold connections: dispose() only
+        # closes checked-in ones, and a disposed pool keeps those returned later open until
+        # it is garbage-collected, so wait for them first (up to 30 s).
+        for _ in range(3000):
+            if engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
         await engine.dispose()
         print("disposed", flush=True)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -157,14 +158,27 @@ async def _invalidate_quietly(session: AsyncSession) -> None:
         logger.warning("Could not invalidate a session whose close() failed", exc_info=True)
 
 
-async def _run_to_completion(work: Callable[[], Awaitable[None]]) -> None:
+if sys.version_info >= (3, 12):
+
+    def _start_task(coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        """Start ``coro`` as a task that runs at once, up to its first suspension."""
+        return asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
+
+else:  # pragma: no cover - Python 3.10 and 3.11 have no eager tasks
+
+    def _start_task(coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        """Start ``coro`` as a task."""
+        return asyncio.ensure_future(coro)
+
+
+async def _run_to_completion(work: Callable[[], Coroutine[object, object, None]]) -> None:
     """Run ``work`` in its own task and wait for it even when the caller is cancelled.
 
     Cancellation (a client disconnect, a timeout, an anyio cancel scope) is re-raised once the
     work is done, so sessions are always ended and their connections returned. The original
     ``CancelledError`` is re-raised: anyio recognises its own cancellations by it.
     """
-    task = asyncio.ensure_future(work())
+    task = _start_task(work())
     cancellation: asyncio.CancelledError | None = None
     while True:
         try:
