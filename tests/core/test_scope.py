@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import anyio
 import pytest
@@ -225,6 +226,34 @@ async def test_ending_survives_repeated_cancellation(autocommit_db: Database) ->
     assert autocommit_db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     # The body had succeeded before the cancellation: its commit ran to completion.
     assert await item_names(autocommit_db) == ["committed anyway"]
+
+
+async def test_only_a_scope_with_a_transaction_to_end_starts_a_task(db: Database) -> None:
+    """Ending a session with no transaction needs no shielded task; one with a transaction does."""
+    loop = asyncio.get_running_loop()
+    started: list[str] = []
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> Any:
+        started.append(coro.__qualname__)
+        if default_factory is not None:
+            return default_factory(loop, coro, **options)
+        return asyncio.Task(coro, loop=loop, **options)
+
+    ends: dict[str, list[str]] = {}
+    for case in ("committed", "read, transaction open"):
+        async with db.scope():
+            if case == "committed":
+                db.session.add(Item(name="committed"))
+                await db.session.commit()
+            else:
+                await db.session.scalar(select(Item.id).limit(1))
+            loop.set_task_factory(counting_factory)
+        loop.set_task_factory(default_factory)
+        ends[case], started[:] = started[:], []
+    assert ends == {"committed": [], "read, transaction open": ["Scope._finish"]}
+    assert registry(db) == {}
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_a_close_that_raises_still_removes_the_session(db: Database) -> None:

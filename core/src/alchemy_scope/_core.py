@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -116,7 +115,12 @@ class Scope:
 
     async def _end(self) -> None:
         """End the sessions of a closed scope, finishing even if the caller is cancelled."""
-        await _run_to_completion(self._finish)
+        if any(_may_wait(session) for _, session in self._opened):
+            await _run_to_completion(self._finish)
+        else:
+            # No transaction to end, no task to wait for, no turn to take: closing never
+            # suspends, so a cancellation cannot cut it short, and a task would only cost time.
+            await self._finish()
 
     def _add(self, database: Database, session: ScopedSession) -> None:
         """Record a session opened in this scope."""
@@ -124,6 +128,15 @@ class Scope:
             self._opened.append((database, session))
         else:
             self._opened = [(database, session)]
+
+
+def _may_wait(session: ScopedSession) -> bool:
+    """Whether ending ``session`` may suspend: for I/O, another task, or a turn."""
+    return (
+        session.in_transaction()
+        or session._alchemy_owner is not None
+        or session._alchemy_binding is not None
+    )
 
 
 async def commit_or_discard(session: AsyncSession) -> None:
@@ -158,27 +171,14 @@ async def _invalidate_quietly(session: AsyncSession) -> None:
         logger.warning("Could not invalidate a session whose close() failed", exc_info=True)
 
 
-if sys.version_info >= (3, 12):
-
-    def _start_task(coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
-        """Start ``coro`` as a task that runs at once, up to its first suspension."""
-        return asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
-
-else:  # pragma: no cover - Python 3.10 and 3.11 have no eager tasks
-
-    def _start_task(coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
-        """Start ``coro`` as a task."""
-        return asyncio.ensure_future(coro)
-
-
-async def _run_to_completion(work: Callable[[], Coroutine[object, object, None]]) -> None:
+async def _run_to_completion(work: Callable[[], Awaitable[None]]) -> None:
     """Run ``work`` in its own task and wait for it even when the caller is cancelled.
 
     Cancellation (a client disconnect, a timeout, an anyio cancel scope) is re-raised once the
     work is done, so sessions are always ended and their connections returned. The original
     ``CancelledError`` is re-raised: anyio recognises its own cancellations by it.
     """
-    task = _start_task(work())
+    task = asyncio.ensure_future(work())
     cancellation: asyncio.CancelledError | None = None
     while True:
         try:
