@@ -1,12 +1,13 @@
 """What alchemy-scope adds to a database route, per request, for trying changes of the core.
 
 `PYTHONPATH=/tmp/patched:. python -m benchmarks.profiling.core_patch_ab FRAMEWORK DATABASE
-ROUTE [ROUNDS] [REQUESTS]`: the framework's bare variant and its alchemy-scope variant
-through the in-process driver, alternating, at concurrency 1; prints the median over the
-rounds of the CPU and wall microseconds per request of the bare app, and what alchemy-scope
-adds to each. It creates the bench table and drops it at the end: do not run it during a
-bench run. Run it once with the checkout's core and once with the patched copy first on
-PYTHONPATH; the difference between the two "added" figures is what the patch saves.
+ROUTE [ROUNDS] [REQUESTS] [CONCURRENCY]`: the framework's bare variant and its alchemy-scope
+variant through the in-process driver, alternating (concurrency 1 unless given); prints the
+median over the rounds of the CPU and wall microseconds per request of the bare app, and
+what alchemy-scope adds to each. It creates the bench table and drops it at the end: do
+not run it during a bench run. Run it once with the checkout's core and once with the
+patched copy first on PYTHONPATH; the difference between the two "added" figures is what
+the patch saves.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from benchmarks.routes import ROUTES
 from benchmarks.variants import variant
 
 
-async def measure(framework: str, url: str, route_name: str, rounds: int, requests: int) -> None:
+async def measure(
+    framework: str, url: str, route_name: str, *, rounds: int, requests: int, concurrency: int
+) -> None:
     """Print the bare app's cost per request and what alchemy-scope adds to it."""
     engine = create_async_engine(url, **pool_options(url))
     await create_table(engine)
@@ -46,7 +49,7 @@ async def measure(framework: str, url: str, route_name: str, rounds: int, reques
         for key in keys if index % 2 else keys[::-1]:
             gc.collect()
             cpu_started, wall_started = time.process_time(), time.perf_counter()
-            await clients[key].run(requests, 1)
+            await clients[key].run(requests, concurrency)
             cpu[key].append((time.process_time() - cpu_started) / requests * 1e6)
             wall[key].append((time.perf_counter() - wall_started) / requests * 1e6)
     for name, samples in (("CPU", cpu), ("wall", wall)):
@@ -63,8 +66,18 @@ async def measure(framework: str, url: str, route_name: str, rounds: int, reques
 def main() -> None:
     """Measure the framework, database and route named on the command line."""
     framework, database, route, *counts = sys.argv[1:]
-    rounds, requests = (int(count) for count in [*counts, "40", "100"][:2])
-    uvloop.run(measure(framework, URLS[database], route, rounds, requests))
+    defaults = ["40", "100", "1"]
+    rounds, requests, concurrency = (int(n) for n in [*counts, *defaults[len(counts) :]])
+    uvloop.run(
+        measure(
+            framework,
+            URLS[database],
+            route,
+            rounds=rounds,
+            requests=requests,
+            concurrency=concurrency,
+        )
+    )
 
 
 if __name__ == "__main__":
