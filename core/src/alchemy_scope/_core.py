@@ -121,6 +121,11 @@ class Scope:
             # No transaction to end, no task to wait for, no turn to take: closing never
             # suspends, so a cancellation cannot cut it short, and a task would only cost time.
             await self._finish()
+            # Still give the event loop a turn, as ending in a task would: without it, under
+            # load, a worker that loops over requests starts the next one in the same turn,
+            # and the loop batches I/O worse (measured: +40 µs of CPU per request at 32
+            # concurrent in-process inserts on PostgreSQL).
+            await asyncio.sleep(0)
 
     def _add(self, database: Database, session: ScopedSession) -> None:
         """Record a session opened in this scope."""
