@@ -12,7 +12,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -67,6 +67,31 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
+@asynccontextmanager
+async def loaded_example(
+    example: str,
+    leg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: dict[str, str] | None = None,
+) -> AsyncIterator[ModuleType]:
+    """The example's module on ``leg_url`` (``DATABASE_<setting>`` from ``settings``).
+
+    On exit it checks for leaks, drops the example's tables and disposes its engine.
+    """
+    monkeypatch.setenv("DATABASE_URL", leg_url)
+    for setting, value in (settings or {}).items():
+        monkeypatch.setenv(f"DATABASE_{setting}", value)
+    module = load_example(example)
+    try:
+        yield module
+        await assert_no_leaks(module.db)
+    finally:
+        async with module.db.engine.begin() as connection:
+            await connection.run_sync(module.Base.metadata.drop_all)
+        await module.db.dispose()
+        sys.modules.pop(module.__name__, None)
+
+
 class TodoContract:
     """The contract of issue #4, as tests. Subclasses set ``example`` (and ``serve``)."""
 
@@ -79,16 +104,8 @@ class TodoContract:
     async def todo_app(
         self, leg_url: str, monkeypatch: pytest.MonkeyPatch
     ) -> AsyncIterator[ModuleType]:
-        monkeypatch.setenv("DATABASE_URL", leg_url)
-        module = load_example(self.example)
-        try:
+        async with loaded_example(self.example, leg_url, monkeypatch) as module:
             yield module
-            await assert_no_leaks(module.db)
-        finally:
-            async with module.db.engine.begin() as connection:
-                await connection.run_sync(module.Base.metadata.drop_all)
-            await module.db.dispose()
-            sys.modules.pop(module.__name__, None)
 
     @pytest.fixture
     async def client(self, todo_app: ModuleType) -> AsyncIterator[httpx.AsyncClient]:
@@ -273,24 +290,17 @@ class TodoContract:
         self, leg_url: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """With every pooled connection taken, database routes say 503; /health still answers."""
-        monkeypatch.setenv("DATABASE_URL", leg_url)
-        for setting, value in (("POOL_SIZE", "1"), ("MAX_OVERFLOW", "0"), ("POOL_TIMEOUT", "1")):
-            monkeypatch.setenv(f"DATABASE_{setting}", value)
-        module = load_example(self.example)
-        try:
-            async with asgi_client(module.app) as client:
-                assert (await client.post("/todos", json={"title": "first"})).status_code == 201
-                async with module.db.engine.connect():  # the only connection is taken
-                    assert (await client.get("/health")).status_code == 200
-                    self.assert_error(await client.get("/todos"), 503)
-                    self.assert_error(await client.post("/todos", json={"title": "x"}), 503)
-                assert [todo["title"] for todo in (await client.get("/todos")).json()] == ["first"]
-            await assert_no_leaks(module.db)
-        finally:
-            async with module.db.engine.begin() as connection:
-                await connection.run_sync(module.Base.metadata.drop_all)
-            await module.db.dispose()
-            sys.modules.pop(module.__name__, None)
+        pool = {"POOL_SIZE": "1", "MAX_OVERFLOW": "0", "POOL_TIMEOUT": "1"}
+        async with (
+            loaded_example(self.example, leg_url, monkeypatch, pool) as module,
+            asgi_client(module.app) as client,
+        ):
+            assert (await client.post("/todos", json={"title": "first"})).status_code == 201
+            async with module.db.engine.connect():  # the only connection is taken
+                assert (await client.get("/health")).status_code == 200
+                self.assert_error(await client.get("/todos"), 503)
+                self.assert_error(await client.post("/todos", json={"title": "x"}), 503)
+            assert [todo["title"] for todo in (await client.get("/todos")).json()] == ["first"]
 
     async def test_through_a_real_server(self, todo_app: ModuleType) -> None:
         """Smoke test through a real server: HTTP routes, the export stream and the websocket."""

@@ -115,7 +115,7 @@ class Scope:
 
     async def _end(self) -> None:
         """End the sessions of a closed scope, finishing even if the caller is cancelled."""
-        if any(_may_wait(session) for _, session in self._opened):
+        if self._may_wait():
             await _run_to_completion(self._finish)
         else:
             # No transaction to end, no task to wait for, no turn to take: closing never
@@ -127,21 +127,23 @@ class Scope:
             # concurrent in-process inserts on PostgreSQL).
             await asyncio.sleep(0)
 
+    def _may_wait(self) -> bool:
+        """Whether ending a session may suspend: for I/O, for another task, or for a turn."""
+        for _, session in self._opened:
+            if (
+                session.in_transaction()
+                or session._alchemy_owner is not None
+                or session._alchemy_binding is not None
+            ):
+                return True
+        return False
+
     def _add(self, database: Database, session: ScopedSession) -> None:
         """Record a session opened in this scope."""
         if self._opened:
             self._opened.append((database, session))
         else:
             self._opened = [(database, session)]
-
-
-def _may_wait(session: ScopedSession) -> bool:
-    """Whether ending ``session`` may suspend: for I/O, another task, or a turn."""
-    return (
-        session.in_transaction()
-        or session._alchemy_owner is not None
-        or session._alchemy_binding is not None
-    )
 
 
 async def commit_or_discard(session: AsyncSession) -> None:
@@ -154,18 +156,19 @@ async def commit_or_discard(session: AsyncSession) -> None:
     back) from a failed COMMIT (the connection is invalidated instead of reused).
     """
     shared = getattr(session, "_alchemy_binding", None) is not None
-
-    def flush_then_commit(sync_session: Session) -> None:
-        sync_session.flush()
-        try:
-            sync_session.commit()
-        except BaseException:
-            if not shared:  # never a connection we share
-                sync_session.invalidate()
-            raise
-
     # One greenlet round trip for the three steps: a separate `await flush()` costs 15-20 us.
-    await AsyncSession.run_sync(session, flush_then_commit)
+    await AsyncSession.run_sync(session, _flush_then_commit, shared)
+
+
+def _flush_then_commit(sync_session: Session, shared: bool) -> None:
+    """Flush, then COMMIT; invalidate the connection if the COMMIT fails, unless ``shared``."""
+    sync_session.flush()
+    try:
+        sync_session.commit()
+    except BaseException:
+        if not shared:  # never a connection we share
+            sync_session.invalidate()
+        raise
 
 
 async def _invalidate_quietly(session: AsyncSession) -> None:
