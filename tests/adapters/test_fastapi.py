@@ -6,7 +6,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import httpx
 import pytest
@@ -14,9 +14,11 @@ from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.applications import Starlette
+from starlette.middleware.base import DispatchFunction
 from starlette.websockets import WebSocketDisconnect
 
-from alchemy_scope import Database
+from alchemy_scope import AlreadyInstalledError, Database
 from alchemy_scope_fastapi import NotInstalledError, SessionDep, install, session_dependency
 
 from ..conftest import MakeDatabase
@@ -28,6 +30,7 @@ from ..support import (
     readme_code,
 )
 from .scenarios import AdapterScenarios, asgi_client
+from .test_starlette import MiddlewareOrderScenarios
 
 
 def make_fastapi_app(db: Database) -> FastAPI:
@@ -119,6 +122,24 @@ def make_fastapi_app(db: Database) -> FastAPI:
 class TestFastAPI(AdapterScenarios):
     make_app = staticmethod(make_fastapi_app)
     background_in_request_scope = True
+
+
+class TestFastAPIMiddlewareOrder(MiddlewareOrderScenarios):
+    app_class: ClassVar[type[Starlette]] = FastAPI
+    install = staticmethod(install)
+
+    @staticmethod
+    def add_dispatch_function(app: Starlette, dispatch: DispatchFunction) -> None:
+        """FastAPI's ``@app.middleware("http")`` decorator."""
+        assert isinstance(app, FastAPI)
+        app.middleware("http")(dispatch)
+
+
+def test_install_twice_raises_a_clear_error(db: Database) -> None:
+    """A second install() on one FastAPI app raises AlreadyInstalledError: pass every db once."""
+    app = make_fastapi_app(db)
+    with pytest.raises(AlreadyInstalledError, match=r"install\(app, db, other_db\)"):
+        install(app, db)
 
 
 async def test_session_dependency_gives_each_database_its_own_session(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from sqlalchemy import func, select
@@ -13,10 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.middleware.base import BaseHTTPMiddleware, DispatchFunction, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as AsgiScope
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from alchemy_scope import AlreadyInstalledError, Database
@@ -125,6 +128,123 @@ def make_starlette_app(db: Database, *, lifespan: object = None) -> Starlette:
 class TestStarlette(AdapterScenarios):
     make_app = staticmethod(make_starlette_app)
     background_in_request_scope = True
+
+
+MIDDLEWARE_STYLES = ["pure ASGI class", "BaseHTTPMiddleware subclass", "dispatch function"]
+
+
+class MiddlewareOrderScenarios:
+    """The scope is outermost, whatever order user middleware and install() come in.
+
+    Shared with FastAPI: subclasses set ``app_class``, ``install`` and ``add_dispatch_function``.
+    """
+
+    app_class: ClassVar[type[Starlette]] = Starlette
+    install: ClassVar[Callable[..., None]] = staticmethod(install)
+
+    @staticmethod
+    def add_dispatch_function(app: Starlette, dispatch: DispatchFunction) -> None:
+        """What Starlette 0.x's deprecated ``@app.middleware("http")`` did (1.x removed it)."""
+        app.add_middleware(BaseHTTPMiddleware, dispatch=dispatch)
+
+    def app(self, db: Database) -> Starlette:
+        """An app of ``app_class`` whose ``POST /items/{name}`` writes and answers its session."""
+
+        async def create_item(request: Request) -> Response:
+            db.session.add(Item(name=request.path_params["name"]))
+            await db.session.flush()
+            return JSONResponse({"session": id(db.session)}, status_code=201)
+
+        return self.app_class(routes=[Route("/items/{name}", create_item, methods=["POST"])])
+
+    def add_middleware(
+        self, app: Starlette, db: Database, style: str, when: str, seen: list[int]
+    ) -> None:
+        """Add a middleware of ``style`` that records its session and adds an item."""
+
+        def use_the_session() -> None:
+            seen.append(id(db.session))
+            db.session.add(Item(name=f"{style} {when}"))
+
+        class PureAsgi:
+            def __init__(self, app: ASGIApp) -> None:
+                self.app = app
+
+            async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+                if scope["type"] == "http":
+                    use_the_session()
+                await self.app(scope, receive, send)
+
+        class Subclass(BaseHTTPMiddleware):
+            async def dispatch(
+                self, request: Request, call_next: RequestResponseEndpoint
+            ) -> Response:
+                use_the_session()
+                return await call_next(request)
+
+        async def dispatch(request: Request, call_next: RequestResponseEndpoint) -> Response:
+            use_the_session()
+            return await call_next(request)
+
+        if style == "pure ASGI class":
+            app.add_middleware(PureAsgi)
+        elif style == "BaseHTTPMiddleware subclass":
+            app.add_middleware(Subclass)
+        else:
+            self.add_dispatch_function(app, dispatch)
+
+    @pytest.mark.parametrize("style", MIDDLEWARE_STYLES)
+    async def test_middleware_added_before_and_after_install_runs_inside_the_scope(
+        self, autocommit_db: Database, style: str
+    ) -> None:
+        """Middleware of any style, added before or after install(), uses the request's session."""
+        seen: list[int] = []
+        app = self.app(autocommit_db)
+        self.add_middleware(app, autocommit_db, style, "before", seen)
+        type(self).install(app, autocommit_db)
+        self.add_middleware(app, autocommit_db, style, "after", seen)
+        async with asgi_client(app) as client:
+            response = await client.post("/items/route")
+        assert response.status_code == 201
+        assert seen == [response.json()["session"]] * 2
+        names = await item_names(autocommit_db)
+        assert sorted(names) == sorted([f"{style} after", f"{style} before", "route"])
+
+    async def test_a_500_handler_runs_inside_the_scope(self, autocommit_db: Database) -> None:
+        """The app's 500 handler sees the request's session; what the route wrote rolls back."""
+        sessions: list[AsyncSession] = []
+
+        async def fails_after_writing(_request: Request) -> Response:
+            sessions.append(autocommit_db.session)
+            autocommit_db.session.add(Item(name="doomed"))
+            await autocommit_db.session.flush()
+            raise RuntimeError("handler failed")
+
+        async def server_error(_request: Request, _exc: Exception) -> Response:
+            return JSONResponse({"same": autocommit_db.session is sessions[0]}, status_code=500)
+
+        app = self.app_class(
+            routes=[Route("/fail", fails_after_writing, methods=["POST"])],
+            exception_handlers={Exception: server_error},
+        )
+        type(self).install(app, autocommit_db)
+        async with asgi_client(app) as client:
+            response = await client.post("/fail")
+        assert response.status_code == 500
+        assert response.json() == {"same": True}
+        assert await item_names(autocommit_db) == []
+
+    def test_install_twice_raises_even_with_middleware_in_between(self, db: Database) -> None:
+        """A second install(), after more middleware was added, raises AlreadyInstalledError."""
+        app = self.app(db)
+        type(self).install(app, db)
+        self.add_middleware(app, db, MIDDLEWARE_STYLES[0], "after", [])
+        with pytest.raises(AlreadyInstalledError, match=r"install\(app, db, other_db\)"):
+            type(self).install(app, db)
+
+
+class TestStarletteMiddlewareOrder(MiddlewareOrderScenarios):
+    pass
 
 
 async def test_user_lifespan_still_runs_and_databases_are_disposed_after_it(

@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from alchemy_scope import (
     AlreadyInstalledError,
@@ -25,8 +26,9 @@ Lifespan = Callable[[AppT], AbstractAsyncContextManager[Any]]
 def install(app: Starlette, *databases: Database, serialize: bool = False) -> None:
     """Give every request and websocket of ``app`` its own scope; dispose ``databases`` at exit.
 
-    Call it once, before the app starts serving. The middleware goes outside every other user
-    middleware, so they can use ``db.session`` too.
+    Call it once, before the app starts serving. The scope goes outside the whole middleware
+    stack, whatever order middleware are added in, so every user middleware (including
+    ``@app.middleware("http")``) can use ``db.session`` too.
 
     Args:
         app: The Starlette (or FastAPI) application.
@@ -34,12 +36,33 @@ def install(app: Starlette, *databases: Database, serialize: bool = False) -> No
         serialize: Let tasks of one request that share its session wait for each other
             instead of raising ``ConcurrentSessionUseError``.
     """
-    installed: list[object] = [middleware.cls for middleware in app.user_middleware]
-    if ScopeMiddleware in installed:
+    if isinstance(app.build_middleware_stack, _StackInAScope):
         raise AlreadyInstalledError("`install(app, db, other_db)`")
-    app.add_middleware(ScopeMiddleware, serialize=serialize)
+    if app.middleware_stack is not None:
+        raise RuntimeError("Cannot add middleware after an application has started")
+    app.build_middleware_stack = _StackInAScope(app.build_middleware_stack, serialize)  # type: ignore[method-assign]
     app.exception_handlers = _HandlersFailingTheScope(app.exception_handlers)
     app.router.lifespan_context = lifespan_disposing(app.router.lifespan_context, *databases)
+
+
+class _StackInAScope:
+    """``app.build_middleware_stack`` that wraps the stack the app builds in ``ScopeMiddleware``.
+
+    Not ``add_middleware``: each middleware it adds goes outside those added before it, so
+    middleware added after install() (``@app.middleware("http")`` included) would run outside
+    the scope, where ``db.session`` raises ``NoScopeError``. Starlette builds the stack once,
+    at the first call, with ``self.build_middleware_stack()`` (FastAPI overrides that method,
+    and this instance attribute shadows both). The scope ends up outside
+    ``ServerErrorMiddleware`` too: the 500 handler runs in it, and an unhandled exception,
+    which that middleware re-raises after sending its 500, still fails the scope.
+    """
+
+    def __init__(self, build: Callable[[], ASGIApp], serialize: bool) -> None:
+        self.build = build
+        self.serialize = serialize
+
+    def __call__(self) -> ASGIApp:
+        return ScopeMiddleware(self.build(), serialize=self.serialize)
 
 
 class _HandlersFailingTheScope(dict[Any, Any]):
