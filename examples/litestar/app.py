@@ -18,6 +18,7 @@ from litestar.exceptions import (
     NotFoundException,
     ValidationException,
 )
+from litestar.openapi.spec import OpenAPIType
 from litestar.params import Body
 from litestar.response import Stream
 from litestar.status_codes import HTTP_409_CONFLICT
@@ -51,6 +52,7 @@ db = Database(DATABASE_URL, commit="autocommit", engine_options={"pool_pre_ping"
 
 MAX_TITLE = 200
 MAX_BULK = 1000
+MAX_LIMIT = 1000
 MAX_INT = 2**31 - 1  # the largest id or offset the INTEGER column and every backend accept
 
 
@@ -121,8 +123,43 @@ class TodoRequest(Request[Any, Any, Any]):
             raise ClientException("The body is nested too deeply.") from None
 
 
-async def todo_or_404(todo_id: int) -> Todo:
-    todo = await db.session.get(Todo, todo_id) if 1 <= todo_id <= MAX_INT else None
+def decimal(raw: str, low: int, high: int) -> int | None:
+    """``raw`` as an int if it is ASCII decimal digits only, from ``low`` to ``high``; else None.
+
+    The API's integers are written in plain decimal digits (leading zeros are fine), as in the
+    other examples. Litestar's own conversions are laxer: msgspec reads the query strings "1e3"
+    and "1.0" as integers, and ``{id:int}`` path segments go through ``int()``, which takes
+    "+5", " 5", "1_000" and non-ASCII digits (Arabic-Indic, fullwidth).
+    """
+    if not (raw.isascii() and raw.isdigit()):
+        return None
+    digits = raw.lstrip("0") or "0"
+    if len(digits) > len(str(high)):  # and no int() of thousands of digits (a ValueError)
+        return None
+    number = int(digits)
+    return number if low <= number <= high else None
+
+
+def query_int(name: str, raw: str, low: int, high: int) -> int:
+    """The query parameter ``name`` read by :func:`decimal`; a 400 if it is not one."""
+    number = decimal(raw, low, high)
+    if number is None:
+        raise ValidationException(f"{name} must be an integer from {low} to {high}.")
+    return number
+
+
+def integer(low: int, high: int, default: int | None = None) -> dict[str, Any]:
+    """The OpenAPI ``schema_extra`` of a str parameter read by :func:`decimal`: an integer."""
+    schema: dict[str, Any] = {"type": OpenAPIType.INTEGER, "minimum": low, "maximum": high}
+    return schema if default is None else {**schema, "default": default}
+
+
+TodoId = Annotated[str, PathParameter(schema_extra=integer(1, MAX_INT))]
+
+
+async def todo_or_404(todo_id: str) -> Todo:
+    number = decimal(todo_id, 1, MAX_INT)
+    todo = await db.session.get(Todo, number) if number is not None else None
     if todo is None:
         raise NotFoundException(f"Todo {todo_id} does not exist.")
     return todo
@@ -175,11 +212,17 @@ async def health() -> dict[str, str]:
 
 @get("/todos")
 async def list_todos(
-    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-    offset: Annotated[int, QueryParameter(ge=0, le=MAX_INT)] = 0,
+    # Strings read by query_int: as int parameters, Litestar would take "1e3" for 1000.
+    limit: Annotated[str, QueryParameter(schema_extra=integer(1, MAX_LIMIT, 100))] = "100",
+    offset: Annotated[str, QueryParameter(schema_extra=integer(0, MAX_INT, 0))] = "0",
 ) -> list[TodoOut]:
-    todos = await db.session.scalars(select(Todo).order_by(Todo.id).limit(limit).offset(offset))
-    return [TodoOut.of(todo) for todo in todos]
+    page = (
+        select(Todo)
+        .order_by(Todo.id)
+        .limit(query_int("limit", limit, 1, MAX_LIMIT))
+        .offset(query_int("offset", offset, 0, MAX_INT))
+    )
+    return [TodoOut.of(todo) for todo in await db.session.scalars(page)]
 
 
 @post("/todos")
@@ -216,15 +259,13 @@ async def export_todos() -> Stream:
     return Stream(lines(), media_type="application/x-ndjson")
 
 
-@get("/todos/{todo_id:int}")
-async def get_todo(todo_id: Annotated[int, PathParameter()]) -> TodoOut:
+@get("/todos/{todo_id:str}")
+async def get_todo(todo_id: TodoId) -> TodoOut:
     return TodoOut.of(await todo_or_404(todo_id))
 
 
-@patch("/todos/{todo_id:int}")
-async def update_todo(
-    todo_id: Annotated[int, PathParameter()], data: Annotated[TodoPatch, Body()]
-) -> TodoOut:
+@patch("/todos/{todo_id:str}")
+async def update_todo(todo_id: TodoId, data: Annotated[TodoPatch, Body()]) -> TodoOut:
     todo = await todo_or_404(todo_id)
     if data.title is not msgspec.UNSET:
         todo.title = data.title
@@ -234,8 +275,8 @@ async def update_todo(
     return TodoOut.of(todo)
 
 
-@delete("/todos/{todo_id:int}")
-async def delete_todo(todo_id: Annotated[int, PathParameter()]) -> None:
+@delete("/todos/{todo_id:str}")
+async def delete_todo(todo_id: TodoId) -> None:
     await db.session.delete(await todo_or_404(todo_id))
 
 

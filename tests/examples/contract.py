@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -48,6 +49,8 @@ BAD_TODOS: list[Any] = [
     None,
 ]
 NOT_JSON = [b"", b"{", b"title=x", b"\xff\xfe", b"[" * 100_000, b'{"title": "x"} trailing']
+# Integers in forms other than ASCII decimal digits; ``n`` is 1 in a query, a todo's id in a path.
+NOT_DECIMAL = ["{n}e3", "{n}e2", "{n}e0", "{n}E0", "0x{n:x}", "0o{n:o}", "0b{n:b}"]
 
 
 def load_example(name: str) -> ModuleType:
@@ -187,7 +190,7 @@ class TodoContract:
         assert await self.titles(client) == []
 
     async def test_list_pages_in_id_order(self, client: httpx.AsyncClient) -> None:
-        """GET /todos pages by limit and offset, in id order, 100 by default."""
+        """GET /todos pages by limit and offset (decimal digits), in id order, 100 by default."""
         response = await client.post("/todos/bulk", json=[{"title": f"t{i}"} for i in range(105)])
         assert response.status_code == 201
         ids = [todo["id"] for todo in response.json()]
@@ -195,6 +198,7 @@ class TodoContract:
         assert [todo["id"] for todo in first_page] == ids[:100]
         page = (await client.get("/todos?limit=3&offset=101")).json()
         assert [todo["id"] for todo in page] == ids[101:104]
+        assert (await client.get("/todos?limit=003&offset=0101")).json() == page
         assert (await client.get("/todos?offset=1000")).json() == []
 
     @pytest.mark.parametrize(
@@ -209,11 +213,31 @@ class TodoContract:
             "offset=x",
             "limit=",
             "offset=99999999999999999999999",
+            "limit=\u0663",  # ARABIC-INDIC DIGIT THREE
+            "offset=\uff15",  # FULLWIDTH DIGIT FIVE
         ],
     )
     async def test_bad_paging_is_4xx(self, client: httpx.AsyncClient, query: str) -> None:
         """Paging values out of range or not integers are a 4xx with a JSON detail."""
         self.assert_error(await client.get(f"/todos?{query}"), 400, 422)
+
+    @pytest.mark.parametrize("template", NOT_DECIMAL)
+    async def test_integers_not_in_decimal_digits_are_4xx_and_change_nothing(
+        self, client: httpx.AsyncClient, template: str
+    ) -> None:
+        """Paging or an id not in decimal digits is a 4xx with a JSON detail and changes nothing."""
+        for name in ("limit", "offset"):
+            value = quote(template.format(n=1), safe="")
+            self.assert_error(await client.get(f"/todos?{name}={value}"), 400, 422)
+        created = await client.post("/todos/bulk", json=[{"title": "a"}, {"title": "b"}])
+        todos = created.json()
+        for todo in todos:
+            todo_id = quote(template.format(n=todo["id"]), safe="")
+            self.assert_error(await client.get(f"/todos/{todo_id}"), 400, 404, 422)
+            patch = await client.patch(f"/todos/{todo_id}", json={"done": True})
+            self.assert_error(patch, 400, 404, 422)
+            self.assert_error(await client.delete(f"/todos/{todo_id}"), 400, 404, 422)
+        assert (await client.get("/todos")).json() == todos
 
     async def test_unknown_and_huge_ids_are_404(self, client: httpx.AsyncClient) -> None:
         """Ids that match no todo, however large, are a 404 with a JSON detail."""
