@@ -15,7 +15,15 @@ from typing import Annotated
 from fastapi import Body, FastAPI, HTTPException, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+)
 from sqlalchemy import String, select
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -99,6 +107,22 @@ class TodoOut(BaseModel):
     done: bool
 
 
+def decimal_digits(value: str) -> str:
+    r"""The query or path string, if it is ASCII decimal digits only; pydantic makes it an int.
+
+    Pydantic's lax int parsing, which FastAPI uses for query and path parameters, also reads
+    "1.0", "+5", " 5", "5\n", "1_000" and "-0" as integers; the other examples refuse them.
+    """
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError("must be an integer in decimal digits")
+    return value
+
+
+# An int parameter written in decimal digits (a BeforeValidator leaves the OpenAPI schema as is).
+Digits = BeforeValidator(decimal_digits)
+TodoId = Annotated[int, Digits]
+
+
 async def todo_or_404(todo_id: int) -> Todo:
     todo = await db.session.get(Todo, todo_id) if 1 <= todo_id <= MAX_INT else None
     if todo is None:
@@ -155,8 +179,8 @@ async def health() -> dict[str, str]:
 @app.get("/todos")
 async def list_todos(
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000), Digits] = 100,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT), Digits] = 0,
 ) -> list[TodoOut]:
     todos = await session.scalars(select(Todo).order_by(Todo.id).limit(limit).offset(offset))
     return [TodoOut.model_validate(todo) for todo in todos]
@@ -198,12 +222,12 @@ async def export_todos() -> StreamingResponse:
 
 
 @app.get("/todos/{todo_id}")
-async def get_todo(todo_id: int) -> TodoOut:
+async def get_todo(todo_id: TodoId) -> TodoOut:
     return TodoOut.model_validate(await todo_or_404(todo_id))
 
 
 @app.patch("/todos/{todo_id}")
-async def update_todo(todo_id: int, patch: TodoPatch) -> TodoOut:
+async def update_todo(todo_id: TodoId, patch: TodoPatch) -> TodoOut:
     if "done" in patch.model_fields_set and patch.done is None:
         raise HTTPException(status_code=422, detail="done must be true or false.")
     if "title" in patch.model_fields_set and patch.title is None:
@@ -218,7 +242,7 @@ async def update_todo(todo_id: int, patch: TodoPatch) -> TodoOut:
 
 
 @app.delete("/todos/{todo_id}", status_code=204, response_class=Response)
-async def delete_todo(todo_id: int, session: SessionDep) -> Response:
+async def delete_todo(todo_id: TodoId, session: SessionDep) -> Response:
     await session.delete(await todo_or_404(todo_id))
     return Response(status_code=204)
 

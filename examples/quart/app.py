@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound, UnprocessableEntity
+from werkzeug.routing import BaseConverter
 
 from alchemy_scope import Database, is_database_unavailable
 from alchemy_scope_quart import AlchemyScope
@@ -124,13 +125,46 @@ def parse_new_todo(value: Any) -> str:
     return parse_title(value["title"])
 
 
+def decimal(raw: str, low: int, high: int) -> int | None:
+    """``raw`` as an int if it is ASCII decimal digits only, from ``low`` to ``high``; else None."""
+    if not (raw.isascii() and raw.isdigit()):  # isdigit() alone takes "٣" and other scripts' digits
+        return None
+    digits = raw.lstrip("0") or "0"  # leading zeros are fine, however many
+    if len(digits) > len(str(high)):  # and no int() of thousands of digits (a ValueError)
+        return None
+    number = int(digits)
+    return number if low <= number <= high else None
+
+
 def query_int(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+    number = decimal(raw, low, high)
+    if number is None:
         raise UnprocessableEntity(f"{name} must be an integer from {low} to {high}.")
-    return int(raw)
+    return number
+
+
+class IdConverter(BaseConverter):
+    r"""``<id:todo_id>``: a todo id in ASCII decimal digits (leading zeros allowed), else a 404.
+
+    Werkzeug's ``int`` converter matches ``\d+``, which takes any Unicode digit: it let
+    ``/todos/٣`` (an Arabic-Indic 3) reach todo 3, and fullwidth digits likewise. The regex also
+    refuses over 10 digits after the zeros, which no id has, so int() never sees thousands of
+    them (a ValueError); to_python raising ValidationError instead makes PATCH and DELETE a 405.
+    """
+
+    regex = "0*[0-9]{1,10}"
+
+    def to_python(self, value: str) -> int:
+        return int(value.lstrip("0") or "0")
+
+    def to_url(self, value: int) -> str:
+        return str(value)
+
+
+app.url_map.converters["id"] = IdConverter
 
 
 async def todo_or_404(todo_id: int) -> Todo:
@@ -198,12 +232,12 @@ async def export_todos() -> Response:
     return Response(lines(), mimetype="application/x-ndjson")
 
 
-@app.get("/todos/<int:todo_id>")
+@app.get("/todos/<id:todo_id>")
 async def get_todo(todo_id: int) -> dict[str, Any]:
     return (await todo_or_404(todo_id)).to_dict()
 
 
-@app.patch("/todos/<int:todo_id>")
+@app.patch("/todos/<id:todo_id>")
 async def update_todo(todo_id: int) -> dict[str, Any]:
     body = await json_body()
     if not isinstance(body, dict):
@@ -220,7 +254,7 @@ async def update_todo(todo_id: int) -> dict[str, Any]:
     return todo.to_dict()
 
 
-@app.delete("/todos/<int:todo_id>")
+@app.delete("/todos/<id:todo_id>")
 async def delete_todo(todo_id: int) -> tuple[str, int]:
     await db.session.delete(await todo_or_404(todo_id))
     return "", 204

@@ -49,8 +49,23 @@ BAD_TODOS: list[Any] = [
     None,
 ]
 NOT_JSON = [b"", b"{", b"title=x", b"\xff\xfe", b"[" * 100_000, b'{"title": "x"} trailing']
-# Integers in forms other than ASCII decimal digits; ``n`` is 1 in a query, a todo's id in a path.
-NOT_DECIMAL = ["{n}e3", "{n}e2", "{n}e0", "{n}E0", "0x{n:x}", "0o{n:o}", "0b{n:b}"]
+# Integers in forms other than ASCII decimal digits; ``n`` is 1 in a query, a todo's id in a path,
+# ``arabic`` and ``fullwidth`` are n in Arabic-Indic and fullwidth digits (see :func:`spell`).
+NOT_DECIMAL = [
+    *("{n}e3", "{n}e2", "{n}e0", "{n}E0", "0x{n:x}", "0o{n:o}", "0b{n:b}", "{n}.0", "+{n}"),
+    *(" {n}", "{n} ", "\t{n}", "{n}\n", "{n}_000", "0_{n}", "{arabic}", "{fullwidth}"),
+]
+HUGE = "9" * 5000  # int() refuses strings of more than 4300 digits
+
+
+def spell(template: str, n: int) -> str:
+    """A :data:`NOT_DECIMAL` template filled in with ``n``, percent-encoded for a URL."""
+
+    def digits(zero: int) -> str:  # n in the ten digits from ``zero`` on
+        return "".join(chr(zero + int(digit)) for digit in str(n))
+
+    value = template.format(n=n, arabic=digits(0x0660), fullwidth=digits(0xFF10))
+    return quote(value, safe="")
 
 
 def load_example(name: str) -> ModuleType:
@@ -201,6 +216,16 @@ class TodoContract:
         assert (await client.get("/todos?limit=003&offset=0101")).json() == page
         assert (await client.get("/todos?offset=1000")).json() == []
 
+    async def test_leading_zeros_however_many_change_no_integer(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """An id, a limit or an offset with leading zeros, even thousands, is the same number."""
+        todos = (await client.post("/todos/bulk", json=[{"title": "a"}, {"title": "b"}])).json()
+        for zeros in ("0", "000", "0" * 5000):
+            assert (await client.get(f"/todos/{zeros}{todos[1]['id']}")).json() == todos[1]
+            page = await client.get(f"/todos?limit={zeros}1&offset={zeros}1")
+            assert page.json() == todos[1:]
+
     @pytest.mark.parametrize(
         "query",
         [
@@ -215,6 +240,16 @@ class TodoContract:
             "offset=99999999999999999999999",
             "limit=\u0663",  # ARABIC-INDIC DIGIT THREE
             "offset=\uff15",  # FULLWIDTH DIGIT FIVE
+            "offset=5.0",
+            "offset=%2B5",  # +5 ("+" alone is a space in a query)
+            "offset=%205",
+            "offset=5%20",
+            "offset=5%0A",
+            "offset=%095",
+            "limit=1_000",
+            "offset=-0",
+            pytest.param(f"limit={HUGE}", id="limit=9*5000"),
+            pytest.param(f"offset={HUGE}", id="offset=9*5000"),
         ],
     )
     async def test_bad_paging_is_4xx(self, client: httpx.AsyncClient, query: str) -> None:
@@ -227,12 +262,11 @@ class TodoContract:
     ) -> None:
         """Paging or an id not in decimal digits is a 4xx with a JSON detail and changes nothing."""
         for name in ("limit", "offset"):
-            value = quote(template.format(n=1), safe="")
-            self.assert_error(await client.get(f"/todos?{name}={value}"), 400, 422)
+            self.assert_error(await client.get(f"/todos?{name}={spell(template, 1)}"), 400, 422)
         created = await client.post("/todos/bulk", json=[{"title": "a"}, {"title": "b"}])
         todos = created.json()
         for todo in todos:
-            todo_id = quote(template.format(n=todo["id"]), safe="")
+            todo_id = spell(template, todo["id"])
             self.assert_error(await client.get(f"/todos/{todo_id}"), 400, 404, 422)
             patch = await client.patch(f"/todos/{todo_id}", json={"done": True})
             self.assert_error(patch, 400, 404, 422)
@@ -241,7 +275,7 @@ class TodoContract:
 
     async def test_unknown_and_huge_ids_are_404(self, client: httpx.AsyncClient) -> None:
         """Ids that match no todo, however large, are a 404 with a JSON detail."""
-        for todo_id in ("1", "2147483647", "2147483648", "99999999999999999999999"):
+        for todo_id in ("1", "2147483647", "2147483648", "99999999999999999999999", HUGE):
             self.assert_error(await client.get(f"/todos/{todo_id}"), 404, 422)
             self.assert_error(
                 await client.patch(f"/todos/{todo_id}", json={"done": True}), 404, 422
