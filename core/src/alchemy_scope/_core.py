@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin
 
 from ._errors import NoScopeError, ScopeClosedError
 
@@ -53,6 +53,7 @@ class Scope:
     _opened: list[tuple[Database, ScopedSession]] | tuple[()] = ()
     _token: Token[Scope | None] | None = None  # how it was entered: its .old_value is the parent
     _replaced_response = False
+    _request: Mapping[str, Any] | None = None  # the ASGI scope, when the middleware opened it
     closed = False
     failed = False
     serialize = False
@@ -72,15 +73,34 @@ class Scope:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<Scope {id(self):#x} {state}, {len(self._opened)} session(s)>"
+        request = self._request
+        if request is None:
+            what = f"{id(self):#x}"
+        elif request["type"] == "http":
+            what = f"{request.get('method', '?')} {request.get('path', '?')}"
+        else:
+            what = f"{request['type']} {request.get('path', '?')}"
+        return f"<Scope {what} {state}, {len(self._opened)} session(s)>"
 
     async def _commit_due(self) -> None:
-        """Commit each session whose commit policy commits on this scope's outcome so far."""
+        """Commit each session whose commit policy commits on this scope's outcome so far.
+
+        A transaction the app began itself (``begin()``, ``begin_nested()``) is the app's to
+        end; a session with a streamed result still open keeps its transaction until the
+        scope ends (a COMMIT would close the stream's cursor under the code reading it).
+        Each commit takes its turn on the session like any operation: it waits for the one
+        another task is running, and operations that arrive meanwhile wait for it.
+        """
         if self.failed:
             return
         for database, session in self._opened:
-            if database._commits(self.status) and session.in_transaction():
-                await commit_or_discard(session)
+            if (
+                database._commits(self.status)
+                and session.in_transaction()
+                and not _begun_by_app(session)
+                and not _streaming(session)
+            ):
+                await session._alchemy_hold(commit_or_discard)
 
     async def _finish(self) -> None:
         """Commit what the policy says, then close every session and drop its registry entry.
@@ -90,28 +110,67 @@ class Scope:
         error: Exception | None = None
         opened, self._opened = self._opened, ()
         for database, session in opened:
-            binding = session._alchemy_binding
             try:
-                if session._alchemy_owner is not None:  # a task still uses it: let it finish
-                    await session._alchemy_wait_idle()
-                if binding is not None:
-                    await binding.take_turn(session)
-                if not self.failed and database._commits(self.status) and session.in_transaction():
-                    await commit_or_discard(session)
+                await self._end_session(database, session)
             except Exception as exc:
                 error = error or exc
-            finally:
-                try:
-                    await AsyncSession.close(session)
-                except Exception as exc:
-                    error = error or exc
-                    await _invalidate_quietly(session)
-                finally:
-                    database._forget(self)
-                    if binding is not None:
-                        binding.leave(session)
         if error is not None:
             raise error
+
+    async def _end_session(self, database: Database, session: ScopedSession) -> None:
+        """End one session: close its streams, commit or roll back, close, forget.
+
+        Whatever raises on the way, the session is closed and its registry entry dropped;
+        if closing fails, its connections are discarded so none stays checked out.
+        """
+        binding = session._alchemy_binding
+        try:
+            if session._alchemy_owner is not None:  # a task still uses it: let it finish
+                await session._alchemy_wait_idle()
+            if binding is not None:
+                await binding.take_turn(session)
+            if session._alchemy_streams:  # before COMMIT and before the connection returns
+                await _close_streams(session)
+            if session.in_transaction():
+                if _begun_by_app(session):
+                    logger.warning(
+                        "%r ended inside a transaction the app began (begin() or "
+                        "begin_nested()) and never ended: rolled back",
+                        self,
+                    )
+                elif not self.failed and database._commits(self.status):
+                    await commit_or_discard(session)
+        finally:
+            transaction = session.sync_session.get_transaction()
+            try:
+                await AsyncSession.close(session)
+            except Exception:
+                await _discard_connections(session, transaction)
+                raise
+            finally:
+                database._forget(self)
+                if binding is not None:
+                    binding.leave(session)
+
+    async def _leave(self, token: Token[Scope | None], work_raised: bool) -> None:
+        """End this scope's sessions and make the enclosing scope current again.
+
+        When the work raised, its exception is the one that matters: a failure to end the
+        sessions is logged, naming the scope, instead of replacing it.
+        """
+        try:
+            if not work_raised:
+                await self._end()
+                return
+            try:
+                await self._end()
+            except Exception:
+                logger.exception(
+                    "Ending %r failed after its work had raised; the work's exception propagates",
+                    self,
+                )
+        finally:
+            _current_scope.reset(token)
 
     async def _end(self) -> None:
         """End the sessions of a closed scope, finishing even if the caller is cancelled."""
@@ -134,6 +193,7 @@ class Scope:
                 session.in_transaction()
                 or session._alchemy_owner is not None
                 or session._alchemy_binding is not None
+                or session._alchemy_streams
             ):
                 return True
         return False
@@ -171,12 +231,59 @@ def _flush_then_commit(sync_session: Session, shared: bool) -> None:
         raise
 
 
-async def _invalidate_quietly(session: AsyncSession) -> None:
-    """Discard the connections of a session whose ``close()`` failed, so none stays checked out."""
+def _begun_by_app(session: AsyncSession) -> bool:
+    """Whether the session's transaction was begun by the app (``begin()``, ``begin_nested()``).
+
+    Such a transaction belongs to the app's block: the policy neither commits nor rolls it
+    back while the block is open. Autobegun transactions (the first statement began them)
+    are the policy's.
+    """
+    sync_session = session.sync_session
+    if sync_session.get_nested_transaction() is not None:
+        return True
+    transaction = sync_session.get_transaction()
+    return transaction is not None and transaction.origin is not SessionTransactionOrigin.AUTOBEGIN
+
+
+def _streaming(session: ScopedSession) -> bool:
+    """Whether a result the session streamed is still being read (not exhausted, not closed)."""
+    return any(not result._soft_closed for result in session._alchemy_streams)
+
+
+async def _close_streams(session: ScopedSession) -> None:
+    """Close every result the session streamed, so no cursor outlives the scope.
+
+    A streamed result left unread keeps its cursor open after the session has returned the
+    connection; on SQLite that open read blocks every writer until garbage collection.
+    """
+    streams, session._alchemy_streams = session._alchemy_streams, ()
+    for result in streams:
+        await result.close()
+
+
+async def _discard_connections(
+    session: AsyncSession, transaction: SessionTransaction | None
+) -> None:
+    """Discard the connections of a session whose ``close()`` failed, so none stays checked out.
+
+    When the ROLLBACK inside ``close()`` raises, SQLAlchemy has already detached the
+    transaction from the session and never closes its connections: ``invalidate()`` would
+    find nothing. The transaction captured before ``close()`` still knows them.
+    """
     try:
-        await AsyncSession.invalidate(session)
+        if transaction is None:
+            await AsyncSession.invalidate(session)
+        else:
+            await AsyncSession.run_sync(session, _invalidate_connections, transaction)
     except Exception:  # pragma: no cover - best effort after a failure already reported
-        logger.warning("Could not invalidate a session whose close() failed", exc_info=True)
+        logger.warning("Could not discard the connections of %r", session, exc_info=True)
+
+
+def _invalidate_connections(_session: Session, transaction: SessionTransaction) -> None:
+    for connection, *_ in set(transaction._connections.values()):
+        if not connection.closed:
+            connection.invalidate()
+            connection.close()
 
 
 async def _run_to_completion(work: Callable[[], Awaitable[None]]) -> None:
@@ -236,10 +343,9 @@ class ScopeBlock:
         current.closed = True
         if exc_type is not None:
             current.failed = True
-        try:
-            if current._opened:
-                await current._end()
-        finally:
+        if current._opened:
+            await current._leave(self._token, exc_type is not None)
+        else:
             _current_scope.reset(self._token)
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,6 +12,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
+    AsyncResult,
+    AsyncScalarResult,
     AsyncSession,
     async_scoped_session,
     async_sessionmaker,
@@ -41,7 +44,9 @@ class ScopedSession(AsyncSession):
 
     It is an ordinary ``AsyncSession`` that also refuses two things SQLAlchemy cannot detect
     reliably: two tasks running operations on it at the same time, and use after its scope
-    has ended.
+    has ended. Synchronous methods that change the session (``add()``, ``expunge_all()``,
+    ...) cannot wait for another task's operation, so they raise instead, even with
+    ``serialize=True``.
     """
 
     _alchemy_scope: Scope | None = None  # None: made by db.sessionmaker(), outside scopes
@@ -50,6 +55,8 @@ class ScopedSession(AsyncSession):
     _alchemy_lock: asyncio.Lock | None = None
     _alchemy_idle: asyncio.Future[None] | None = None
     _alchemy_binding: SharedConnection | None = None  # set while its Database is bound_to()
+    # Results of stream()/stream_scalars(), closed when the scope ends.
+    _alchemy_streams: list[AsyncResult[Any] | AsyncScalarResult[Any]] | tuple[()] = ()
 
     async def _alchemy_wait_idle(self) -> None:
         """Wait until the operation another task is running on this session has returned."""
@@ -58,6 +65,36 @@ class ScopedSession(AsyncSession):
                 self._alchemy_idle = asyncio.get_running_loop().create_future()
             await self._alchemy_idle
 
+    def _alchemy_release(self) -> None:
+        """The running operation has returned: wake whoever waits for the session."""
+        self._alchemy_owner = None
+        self._alchemy_running = None
+        idle = self._alchemy_idle
+        if idle is not None:
+            self._alchemy_idle = None
+            if not idle.done():
+                idle.set_result(None)
+
+    async def _alchemy_hold(self, work: Callable[[AsyncSession], Awaitable[None]]) -> None:
+        """Run ``work`` (the commit policy's) as an operation of its own on this session.
+
+        It waits for an operation another task is running, and operations that other tasks
+        start meanwhile wait for it instead of raising ``ConcurrentSessionUseError``.
+        """
+        task = asyncio.current_task()
+        if self._alchemy_owner is task:  # pragma: no cover - called from inside an operation
+            await work(self)
+            return
+        lock = self._alchemy_lock
+        if lock is not None:
+            async with lock:
+                await _run_owning(self, task, _POLICY, work)
+            return
+        await self._alchemy_wait_idle()
+        await _run_owning(self, task, _POLICY, work)
+
+
+_POLICY = "commit"  # what _alchemy_running says while the commit policy holds the session
 
 # Methods that end a session stay allowed on a session whose scope has ended.
 _ALLOWED_AFTER_SCOPE = frozenset({"close", "invalidate", "reset"})
@@ -81,10 +118,61 @@ _GUARDED_METHODS = (
     "stream",
     "stream_scalars",
 )
+# Synchronous methods that change what the next flush writes: they cannot wait for a turn.
+_GUARDED_SYNC_METHODS = ("add", "add_all", "expire", "expire_all", "expunge", "expunge_all")
+
+
+async def _run_owning(
+    session: ScopedSession,
+    task: asyncio.Task[Any] | None,
+    name: str,
+    call: Callable[..., Awaitable[Any]],
+    /,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """Run ``call`` as the one operation in flight on ``session``, on behalf of ``task``."""
+    session._alchemy_owner = task
+    session._alchemy_running = name
+    binding = session._alchemy_binding
+    try:
+        if binding is not None:
+            await binding.take_turn(session)
+        return await call(session, *args, **kwargs)
+    finally:
+        if binding is not None:
+            binding.done(session)
+        session._alchemy_release()
+
+
+async def _stream(
+    method: Callable[..., Awaitable[Any]], session: ScopedSession, /, *args: Any, **kwargs: Any
+) -> Any:
+    """Call ``stream()``/``stream_scalars()`` and remember the result, to close it at scope end."""
+    result = await method(session, *args, **kwargs)
+    streams = session._alchemy_streams
+    if streams:
+        streams[:] = [kept for kept in streams if not kept._soft_closed]
+        streams.append(result)
+    else:
+        session._alchemy_streams = [result]
+    return result
 
 
 def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
-    unguarded = commit_or_discard if name == "commit" else getattr(AsyncSession, name)
+    """Build the guarded version of the ``AsyncSession`` method ``name``.
+
+    The guard refuses use after the scope ended (except for methods that end a session),
+    runs the method directly when the task already owns the session (``AsyncSession``
+    calling itself), waits for a turn with ``serialize=True`` or while the commit policy
+    holds the session, and otherwise raises ``ConcurrentSessionUseError`` when another
+    task's operation is in flight.
+    """
+    method = commit_or_discard if name == "commit" else getattr(AsyncSession, name)
+    if name in ("stream", "stream_scalars"):
+        unguarded: Callable[..., Awaitable[Any]] = functools.partial(_stream, method)
+    else:
+        unguarded = method
     allowed_after_scope = name in _ALLOWED_AFTER_SCOPE
 
     async def guarded(self: ScopedSession, /, *args: Any, **kwargs: Any) -> Any:
@@ -98,40 +186,49 @@ def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
         lock = self._alchemy_lock
         if lock is not None:
             async with lock:
-                return await _run(self, task, *args, **kwargs)
+                return await _run_owning(self, task, name, unguarded, *args, **kwargs)
+        while owner is not None and self._alchemy_running is _POLICY:
+            await self._alchemy_wait_idle()  # the policy's commit: wait for it to return
+            owner = self._alchemy_owner
         if owner is not None:
             raise ConcurrentSessionUseError(name, self._alchemy_running or "?")
-        return await _run(self, task, *args, **kwargs)
+        return await _run_owning(self, task, name, unguarded, *args, **kwargs)
 
-    async def _run(
-        self: ScopedSession, task: asyncio.Task[Any] | None, /, *args: Any, **kwargs: Any
-    ) -> Any:
-        self._alchemy_owner = task
-        self._alchemy_running = name
-        binding = self._alchemy_binding
-        try:
-            if binding is not None:
-                await binding.take_turn(self)
-            return await unguarded(self, *args, **kwargs)
-        finally:
-            if binding is not None:
-                binding.done(self)
-            self._alchemy_owner = None
-            self._alchemy_running = None
-            idle = self._alchemy_idle
-            if idle is not None:
-                self._alchemy_idle = None
-                if not idle.done():
-                    idle.set_result(None)
+    guarded.__name__ = guarded.__qualname__ = name
+    guarded.__doc__ = method.__doc__
+    return guarded
+
+
+def _guarded_sync(name: str) -> Callable[..., Any]:
+    """Build the guarded version of the synchronous ``AsyncSession`` method ``name``."""
+    unguarded = getattr(AsyncSession, name)
+
+    def guarded(self: ScopedSession, /, *args: Any, **kwargs: Any) -> Any:
+        owning_scope = self._alchemy_scope
+        if owning_scope is not None and owning_scope.closed:
+            raise ScopeClosedError()
+        owner = self._alchemy_owner
+        if owner is not None and owner is not _current_task():
+            raise ConcurrentSessionUseError(name, self._alchemy_running or "?", synchronous=True)
+        return unguarded(self, *args, **kwargs)
 
     guarded.__name__ = guarded.__qualname__ = name
     guarded.__doc__ = unguarded.__doc__
     return guarded
 
 
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # a worker thread (a sync route): never the owning task
+        return None
+
+
 for _name in _GUARDED_METHODS:
     if hasattr(AsyncSession, _name):  # ``get_one`` is newer than some supported versions
         setattr(ScopedSession, _name, _guarded(_name))
+for _name in _GUARDED_SYNC_METHODS:
+    setattr(ScopedSession, _name, _guarded_sync(_name))
 
 
 class Database:

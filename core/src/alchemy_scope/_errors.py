@@ -40,12 +40,24 @@ class ScopeClosedError(AlchemyScopeError):
 class ConcurrentSessionUseError(AlchemyScopeError):
     """Two tasks used one scope's session at the same time."""
 
-    def __init__(self, attempted: str, running: str) -> None:
+    def __init__(self, attempted: str, running: str, *, synchronous: bool = False) -> None:
+        if synchronous:
+            advice = (
+                f"{attempted}() is synchronous, so it cannot wait for its turn, even with "
+                "serialize=True: call it before starting the other task's operation or after "
+                "awaiting it, or give each concurrent branch its own session by wrapping it "
+                "in `async with db.scope(): ...`."
+            )
+        else:
+            advice = (
+                "A session runs one operation at a time: await the calls one after another, "
+                "pass serialize=True to the integration (or db.scope()) to make tasks take "
+                "turns, or give each concurrent branch its own session by wrapping it in "
+                "`async with db.scope(): ...`."
+            )
         super().__init__(
             f"AsyncSession.{attempted}() was called while AsyncSession.{running}() was still "
-            "running on the same session, from another task of the same scope. A session "
-            "runs one operation at a time: await the calls one after another, or give each "
-            "concurrent branch its own session by wrapping it in `async with db.scope(): ...`."
+            f"running on the same session, from another task of the same scope. {advice}"
         )
 
 

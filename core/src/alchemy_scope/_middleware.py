@@ -51,17 +51,19 @@ class ScopeMiddleware:
             await self.app(scope, receive, send)
             return
         current = Scope()  # cheap: no session and no connection until db.session is read
+        current._request = scope
         if self.serialize:
             current.serialize = True
         token = current._token = _current_scope.set(current)
         watching = policies.autocommit
+        raised = False
         try:
             if watching:
                 await self.app(scope, receive, _watching_send(current, send))
             else:  # manual commits only: nothing to do before the response is sent
                 await self.app(scope, receive, send)
         except BaseException:
-            current.failed = True
+            current.failed = raised = True
             raise
         else:
             if watching and current.status is None and kind == "http":
@@ -69,10 +71,7 @@ class ScopeMiddleware:
         finally:
             current.closed = True
             if current._opened:
-                try:
-                    await current._end()
-                finally:
-                    _current_scope.reset(token)
+                await current._leave(token, raised)
             else:
                 _current_scope.reset(token)
 
