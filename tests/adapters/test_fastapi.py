@@ -4,10 +4,11 @@ import asyncio
 import importlib
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
+import fastapi
 import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
@@ -240,6 +241,168 @@ async def test_a_yield_dependency_uses_the_session_in_its_teardown(db: Database)
         assert (await client.post("/audited/work")).status_code == 201
     assert seen == [True]
     assert await item_names(db) == ["work", "audit"]
+
+
+FASTAPI_VERSION = tuple(int(part) for part in fastapi.__version__.split(".")[:2])
+# Where a yield dependency exits: "function" (FastAPI 0.121+) before the response starts,
+# "request" (the default) after the body and background tasks from FastAPI 0.118 on.
+DEPENDENCY_SCOPES = [
+    pytest.param(
+        "function",
+        marks=pytest.mark.skipif(
+            FASTAPI_VERSION < (0, 121),
+            reason=f"Depends(scope='function') came in FastAPI 0.121; {fastapi.__version__} "
+            "is installed",
+        ),
+    ),
+    "request",
+]
+POLICIES = ["manual", "autocommit"]
+
+
+def depends(dependency: Callable[..., Any], scope: str) -> Any:
+    """``Depends(dependency)``, with ``scope="function"`` when asked."""
+    return Depends(dependency, scope="function") if scope == "function" else Depends(dependency)
+
+
+def watched(app: Any, events: list[str], errors: list[BaseException]) -> Any:
+    """``app`` as a server runs it, noting when the response starts and ends and what it raises."""
+
+    async def watching(scope: Any, receive: Any, send: Any) -> None:
+        async def send_noting(message: Any) -> None:
+            await send(message)
+            if message["type"] == "http.response.start":
+                events.append(f"response started: {message['status']}")
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                events.append("response sent")
+
+        try:
+            await app(scope, receive, send_noting)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    return watching
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("dependency_scope", DEPENDENCY_SCOPES)
+async def test_a_yield_dependency_in_a_begin_block_commits_at_the_blocks_exit(
+    make_db: MakeDatabase, policy: str, dependency_scope: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A yield dependency's begin() block is the app's: its exit commits, whatever the policy."""
+    db = make_db(commit=policy)
+    events: list[str] = []
+    errors: list[BaseException] = []
+
+    async def in_a_transaction() -> AsyncIterator[None]:
+        async with db.session.begin():
+            yield
+            db.session.add(Item(name="teardown"))  # teardown, still inside the block
+        events.append("block ended")
+        db.session.add(Item(name="after the block"))  # the policy's again: manual drops it
+        await db.session.flush()
+
+    app = FastAPI()
+    install(app, db)
+
+    @app.post("/items", dependencies=[depends(in_a_transaction, dependency_scope)])
+    async def create() -> dict[str, bool]:
+        db.session.add(Item(name="route"))
+        await db.session.flush()
+        return {"in_block": db.session.in_transaction()}
+
+    async with asgi_client(watched(app, events, errors)) as client:
+        response = await client.post("/items")
+    assert (response.status_code, response.json()) == (200, {"in_block": True})
+    assert errors == []
+    assert [r.getMessage() for r in caplog.records if r.name == "alchemy_scope"] == []
+    committed = ["route", "teardown"] + (["after the block"] if policy == "autocommit" else [])
+    assert await item_names(db) == committed
+    if dependency_scope == "request" and FASTAPI_VERSION >= (0, 118):
+        # The response does not wait for the block: its COMMIT runs after the body was sent.
+        assert events == ["response started: 200", "response sent", "block ended"]
+    else:
+        assert events == ["block ended", "response started: 200", "response sent"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("dependency_scope", DEPENDENCY_SCOPES)
+async def test_a_begin_block_in_a_yield_dependency_commits_even_under_an_error_response(
+    make_db: MakeDatabase, policy: str, dependency_scope: str
+) -> None:
+    """The block's exit decides, not the status: a route that answers 409 in it still commits."""
+    db = make_db(commit=policy)
+
+    async def in_a_transaction() -> AsyncIterator[None]:
+        async with db.session.begin():
+            yield
+
+    app = FastAPI()
+    install(app, db)
+
+    @app.post("/items", dependencies=[depends(in_a_transaction, dependency_scope)])
+    async def create() -> JSONResponse:
+        db.session.add(Item(name="answered 409"))
+        await db.session.flush()
+        return JSONResponse({"conflict": True}, status_code=409)
+
+    async with asgi_client(app) as client:
+        assert (await client.post("/items")).status_code == 409
+    assert await item_names(db) == ["answered 409"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("dependency_scope", DEPENDENCY_SCOPES)
+async def test_a_yield_dependency_commits_in_its_teardown_under_either_policy(
+    make_db: MakeDatabase, policy: str, dependency_scope: str
+) -> None:
+    """A yield dependency's teardown adds and commits after the route; both writes are saved."""
+    db = make_db(commit=policy)
+    errors: list[BaseException] = []
+
+    async def audited() -> AsyncIterator[None]:
+        yield
+        db.session.add(Item(name="audit"))
+        await db.session.commit()
+
+    app = FastAPI()
+    install(app, db)
+
+    @app.post("/items", status_code=201, dependencies=[depends(audited, dependency_scope)])
+    async def create() -> None:
+        db.session.add(Item(name="route"))  # not committed by the route itself
+        await db.session.flush()
+
+    async with asgi_client(watched(app, [], errors)) as client:
+        assert (await client.post("/items")).status_code == 201
+    assert errors == []
+    assert await item_names(db) == ["route", "audit"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_a_transaction_the_route_began_and_never_ended_is_rolled_back_and_logged(
+    make_db: MakeDatabase, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A begin() the route never ends is rolled back when the request ends, with a warning."""
+    db = make_db(commit=policy)
+    app = FastAPI()
+    install(app, db)
+
+    @app.post("/abandoned")
+    async def abandoned() -> dict[str, bool]:
+        await db.session.begin()
+        db.session.add(Item(name="abandoned"))
+        await db.session.flush()
+        return {"ok": True}
+
+    async with asgi_client(app) as client:
+        assert (await client.post("/abandoned")).json() == {"ok": True}
+    assert await item_names(db) == []
+    warnings = [r for r in caplog.records if r.name == "alchemy_scope"]
+    assert [r.levelname for r in warnings] == ["WARNING"]
+    assert "POST /abandoned" in warnings[0].getMessage()
+    assert "rolled back" in warnings[0].getMessage()
 
 
 async def test_an_http_exception_rolls_back_with_autocommit(autocommit_db: Database) -> None:

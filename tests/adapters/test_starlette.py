@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import TextClause, event, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, DispatchFunction, RequestResponseEndpoint
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -26,7 +29,13 @@ from alchemy_scope import AlreadyInstalledError, Database
 from alchemy_scope_starlette import install
 
 from ..models import Item
-from ..support import add_write_that_fails_at_commit, assert_no_leaks, item_names, run_readme_app
+from ..support import (
+    add_write_that_fails_at_commit,
+    assert_no_leaks,
+    backend,
+    item_names,
+    run_readme_app,
+)
 from .scenarios import AdapterScenarios, asgi_client
 
 
@@ -131,6 +140,64 @@ class TestStarlette(AdapterScenarios):
 
 
 MIDDLEWARE_STYLES = ["pure ASGI class", "BaseHTTPMiddleware subclass", "dispatch function"]
+
+
+class _PassThrough(BaseHTTPMiddleware):
+    """A BaseHTTPMiddleware that does nothing: it still runs the app in a child task."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
+_GZIP = (GZipMiddleware, {"minimum_size": 16})  # every test body is compressed
+_BASE_HTTP = (_PassThrough, {})
+
+# Middleware inside the scope that change when, and in which task, the response starts;
+# innermost first (add_middleware() puts each one outside those added before it).
+INNER_MIDDLEWARE: dict[str, list[tuple[type[Any], dict[str, Any]]]] = {
+    "BaseHTTPMiddleware": [_BASE_HTTP],
+    "GZipMiddleware": [_GZIP],
+    "BaseHTTPMiddleware inside GZipMiddleware": [_BASE_HTTP, _GZIP],
+    "GZipMiddleware inside BaseHTTPMiddleware": [_GZIP, _BASE_HTTP],
+}
+
+# What a streamed body does with the session first, as its response starts: a 50 ms query,
+# reading a streamed result (more rows than one fetch of asyncpg's server-side cursor, 50),
+# a begin_nested() block that writes.
+FIRST_STEPS = {
+    "slow query": ("slow query",),
+    "streamed result": ("streamed result",),
+    "slow query, then a streamed result": ("slow query", "streamed result"),
+    "slow query, then a begin_nested() block": ("slow query", "begin_nested() block"),
+}
+
+# Core bug (be240de): Scope._commit_due checks for an open stream or begin block, then waits
+# for the operation another task runs, then commits without checking again. Under
+# BaseHTTPMiddleware that operation is the body's stream_scalars() (the COMMIT then runs under
+# the open cursor: PostgreSQL answers 500, the others return the connection to the pool while
+# it is still read) or the query before a begin_nested() (the COMMIT then meets the
+# SAVEPOINT, which is not a guarded operation: IllegalStateChangeError, 500, nothing saved).
+WAITED_COMMIT_BUG = (
+    "core: the policy's commit at response start waits for the running operation, then "
+    "commits under the stream or begin_nested() block that operation opened"
+)
+SEEDED_ROWS = 120
+PADDING = "padding " * 20  # enough body for GZipMiddleware to compress
+
+
+def slow_statement(db: Database) -> TextClause:
+    """A statement that takes 50 ms on ``db`` (SQLite: a ``sleep()`` registered per connection)."""
+    name = backend(db)
+    if name == "postgresql":
+        return text("SELECT pg_sleep(0.05)")
+    if name == "mysql":
+        return text("SELECT SLEEP(0.05)")
+
+    def register_sleep(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.create_function("sleep", 1, time.sleep)
+
+    event.listen(db.engine.sync_engine, "connect", register_sleep)
+    return text("SELECT sleep(0.05)")
 
 
 class MiddlewareOrderScenarios:
@@ -241,6 +308,90 @@ class MiddlewareOrderScenarios:
         self.add_middleware(app, db, MIDDLEWARE_STYLES[0], "after", [])
         with pytest.raises(AlreadyInstalledError, match=r"install\(app, db, other_db\)"):
             type(self).install(app, db)
+
+    @pytest.mark.parametrize("first_step", list(FIRST_STEPS))
+    @pytest.mark.parametrize("inner", list(INNER_MIDDLEWARE))
+    async def test_a_stream_whose_first_query_races_the_commit_at_response_start(
+        self, autocommit_db: Database, inner: str, first_step: str, request: pytest.FixtureRequest
+    ) -> None:
+        """Autocommit: a stream that queries as its response starts gets 200, in full, committed."""
+        if inner == "BaseHTTPMiddleware" and first_step != "slow query":
+            request.applymarker(pytest.mark.xfail(strict=True, reason=WAITED_COMMIT_BUG))
+        db = autocommit_db
+        sleep = slow_statement(db)
+        steps = FIRST_STEPS[first_step]
+        seeded = [f"seed {n}" for n in range(SEEDED_ROWS)]
+        async with db.engine.begin() as conn:
+            await conn.execute(insert(Item), [{"name": name} for name in seeded])
+        commits_under_the_body: list[str] = []  # COMMITs while the body used the session
+
+        async def write_then_stream(request: Request) -> Response:
+            name = request.path_params["name"]
+            db.session.add(Item(name=name))
+            await db.session.flush()
+            body_is: list[str] = []  # what the body is doing with the session right now
+
+            def before_commit(session: Session) -> None:
+                if not session.in_nested_transaction():  # not the block's own RELEASE
+                    commits_under_the_body.extend(f"{name}: {doing}" for doing in body_is)
+
+            event.listen(db.session.sync_session, "before_commit", before_commit)
+
+            async def lines() -> AsyncIterator[str]:
+                # These first steps run as the response starts. Under BaseHTTPMiddleware they
+                # run in a child task while our middleware commits; under GZipMiddleware the
+                # start goes out with the first chunk, a streamed result still open.
+                for step in steps:
+                    body_is.append(f"in its {step}")
+                    if step == "slow query":
+                        await db.session.execute(sleep)
+                    elif step == "streamed result":
+                        result = await db.session.stream_scalars(
+                            select(Item.name)
+                            .where(Item.name.startswith("seed ") | (Item.name == name))
+                            .order_by(Item.id)
+                        )
+                        async for found in result:
+                            yield f"{found}\n"
+                    else:
+                        async with db.session.begin_nested():
+                            db.session.add(Item(name=f"{name} nested"))
+                            await db.session.flush()
+                    body_is.clear()
+                if "streamed result" not in steps:
+                    yield f"{await db.session.scalar(select(Item.name).where(Item.name == name))}\n"
+                for line in range(3):
+                    yield f"{name} line {line} {PADDING}\n"
+
+            return StreamingResponse(lines(), media_type="text/plain")
+
+        app = self.app_class(routes=[Route("/stream/{name}", write_then_stream, methods=["POST"])])
+        type(self).install(app, db)
+        for middleware, options in INNER_MIDDLEWARE[inner]:
+            app.add_middleware(middleware, **options)
+
+        def expected(name: str) -> str:
+            rows = [*seeded, name] if "streamed result" in steps else [name]
+            return "".join(f"{row}\n" for row in rows) + "".join(
+                f"{name} line {line} {PADDING}\n" for line in range(3)
+            )
+
+        names = [f"one by one {n}" for n in range(8)] + [f"together {n}" for n in range(12)]
+        async with asgi_client(app) as client:
+            responses = [await client.post(f"/stream/{name}") for name in names[:8]]
+            for start in (8, 12, 16):  # then three bursts of four at once
+                responses += await asyncio.gather(
+                    *(client.post(f"/stream/{name}") for name in names[start : start + 4])
+                )
+        assert [
+            name for name, r in zip(names, responses, strict=True) if r.status_code != 200
+        ] == []
+        assert commits_under_the_body == []
+        assert [r.text for r in responses] == [expected(name) for name in names]
+        if "GZip" in inner:
+            assert {r.headers.get("content-encoding") for r in responses} == {"gzip"}
+        nested = [f"{name} nested" for name in names if "begin_nested() block" in steps]
+        assert sorted(await item_names(db)) == sorted(seeded + names + nested)
 
 
 class TestStarletteMiddlewareOrder(MiddlewareOrderScenarios):
