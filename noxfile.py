@@ -48,7 +48,8 @@ def _adapter_tests(name: str) -> list[str]:
         str(path.relative_to(ROOT)) for path in ROOT.glob(f"tests/examples/test_{name}_*.py")
     ]
     example = [f"examples/{name}"] if (ROOT / "examples" / name / "test_app.py").exists() else []
-    return [f"tests/adapters/test_{name}.py", *contract, *example]
+    extra = [str(path.relative_to(ROOT)) for path in ROOT.glob(f"tests/adapters/test_{name}_*.py")]
+    return [f"tests/adapters/test_{name}.py", *extra, *contract, *example]
 
 
 ADAPTERS = _adapters()
@@ -71,13 +72,10 @@ def _install(session: nox.Session, package: str, *uv_options: str) -> None:
 
 def _pytest(session: nox.Session, package: str) -> None:
     _, paths = PACKAGES[package]
-    session.run(
-        "pytest",
-        *paths,
-        "tests/test_packages.py",
-        *session.posargs,
-        env={"ALCHEMY_SCOPE_PACKAGE": package},
-    )
+    env = {"ALCHEMY_SCOPE_PACKAGE": package}
+    if session.python == PYTHONS[-1]:  # the whole fault matrix once; a sample elsewhere
+        env["ALCHEMY_SCOPE_FULL_FAULT_MATRIX"] = "1"
+    session.run("pytest", *paths, "tests/test_packages.py", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHONS)

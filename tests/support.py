@@ -7,11 +7,12 @@ import os
 import re
 import sys
 import types
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -113,6 +114,32 @@ async def assert_no_leaks(*dbs: Database, wait: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("; ".join(found))
         await asyncio.sleep(0.02)
+
+
+async def assert_writable(db: Database) -> None:
+    """Another connection locks and writes the items at once, then the pool's own: nothing is held.
+
+    SQLite connections give up on a lock after 0.3 s here; PostgreSQL locks the table NOWAIT,
+    MariaDB waits at most a second for the table lock.
+    """
+    name = Item.__tablename__
+    mark = uuid.uuid4().hex[:12]
+    quick = {"timeout": 0.3} if backend(db) == "sqlite" else {}
+    other = create_async_engine(db.engine.url, poolclass=NullPool, connect_args=quick)
+    try:
+        async with other.begin() as conn:
+            if backend(db) == "postgresql":
+                await conn.execute(text(f"LOCK TABLE {name} NOWAIT"))
+            if backend(db) == "mysql":
+                await conn.execute(text("SET SESSION lock_wait_timeout = 1"))
+                await conn.execute(text(f"LOCK TABLES {name} WRITE"))
+            await conn.execute(insert(Item).values(name=f"writable {mark}"))
+            if backend(db) == "mysql":
+                await conn.execute(text("UNLOCK TABLES"))
+    finally:
+        await other.dispose()
+    async with db.engine.begin() as conn:
+        await conn.execute(insert(Item).values(name=f"writable through the pool {mark}"))
 
 
 async def item_names(db: Database) -> list[str]:

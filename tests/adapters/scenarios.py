@@ -41,6 +41,7 @@ from websockets.exceptions import ConnectionClosed
 from alchemy_scope import Database
 
 from ..conftest import MakeDatabase
+from ..fault_matrix import in_process, run_matrix
 from ..servers import uvicorn_server
 from ..support import assert_no_leaks, count_items, item_names, registry
 
@@ -231,6 +232,19 @@ class AdapterScenarios:
             assert (await client.get("/identity")).json()["same"] is True
             await assert_no_leaks(db)
         assert await item_names(db) == ["real"]
+
+    @pytest.mark.parametrize("commit", ["manual", "autocommit"])
+    async def test_every_step_of_a_write_failing_ends_the_scope_clean(
+        self, make_db: MakeDatabase, commit: Any
+    ) -> None:
+        """Each database operation of a write request, failing each way, ends the scope clean."""
+        flag = "1" if commit == "manual" else "0"  # autocommit: the policy commits
+        await run_matrix(
+            make_db(commit=commit),
+            lambda db, _observed: self.app(db),
+            f"POST /items/{{name}}?commit={flag}",
+            in_process,
+        )
 
     async def test_shutdown_disposes_the_engine(self, db: Database) -> None:
         """When the app shuts down, the database's pooled connections are closed."""

@@ -171,16 +171,6 @@ FIRST_STEPS = {
     "slow query, then a begin_nested() block": ("slow query", "begin_nested() block"),
 }
 
-# Core bug (be240de): Scope._commit_due checks for an open stream or begin block, then waits
-# for the operation another task runs, then commits without checking again. Under
-# BaseHTTPMiddleware that operation is the body's stream_scalars() (the COMMIT then runs under
-# the open cursor: PostgreSQL answers 500, the others return the connection to the pool while
-# it is still read) or the query before a begin_nested() (the COMMIT then meets the
-# SAVEPOINT, which is not a guarded operation: IllegalStateChangeError, 500, nothing saved).
-WAITED_COMMIT_BUG = (
-    "core: the policy's commit at response start waits for the running operation, then "
-    "commits under the stream or begin_nested() block that operation opened"
-)
 SEEDED_ROWS = 120
 PADDING = "padding " * 20  # enough body for GZipMiddleware to compress
 
@@ -312,11 +302,9 @@ class MiddlewareOrderScenarios:
     @pytest.mark.parametrize("first_step", list(FIRST_STEPS))
     @pytest.mark.parametrize("inner", list(INNER_MIDDLEWARE))
     async def test_a_stream_whose_first_query_races_the_commit_at_response_start(
-        self, autocommit_db: Database, inner: str, first_step: str, request: pytest.FixtureRequest
+        self, autocommit_db: Database, inner: str, first_step: str
     ) -> None:
         """Autocommit: a stream that queries as its response starts gets 200, in full, committed."""
-        if inner == "BaseHTTPMiddleware" and first_step != "slow query":
-            request.applymarker(pytest.mark.xfail(strict=True, reason=WAITED_COMMIT_BUG))
         db = autocommit_db
         sleep = slow_statement(db)
         steps = FIRST_STEPS[first_step]

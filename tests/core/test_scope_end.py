@@ -16,14 +16,19 @@ from typing import Any
 import pytest
 from sqlalchemy import event, insert, select, text
 from sqlalchemy.exc import ResourceClosedError
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 from alchemy_scope import ConcurrentSessionUseError, Database, ScopeClosedError, ScopeMiddleware
 
 from ..conftest import MakeDatabase
 from ..models import Item
-from ..support import assert_no_leaks, backend, count_items, item_names, registry
+from ..support import (
+    assert_no_leaks,
+    assert_writable,
+    backend,
+    count_items,
+    item_names,
+    registry,
+)
 from .test_middleware import asgi_app, client
 
 ROWS = 3000
@@ -41,31 +46,6 @@ def quick_lock_db(make_db: MakeDatabase, **options: Any) -> Database:
     if backend(probe) == "sqlite":
         return make_db(engine_options={"connect_args": {"timeout": 0.3}}, **options)
     return make_db(**options)
-
-
-async def assert_writable(db: Database) -> None:
-    """Another connection can lock and write the table at once: no lock or cursor is left."""
-    name = Item.__tablename__
-    quick = {"timeout": 0.3} if backend(db) == "sqlite" else {}
-    other = create_async_engine(db.engine.url, poolclass=NullPool, connect_args=quick)
-    try:
-        async with other.begin() as conn:
-            if backend(db) == "postgresql":
-                await conn.execute(text(f"LOCK TABLE {name} NOWAIT"))
-            if backend(db) == "mysql":
-                await conn.execute(text("SET SESSION lock_wait_timeout = 1"))
-                await conn.execute(text(f"LOCK TABLES {name} WRITE"))
-            await conn.execute(insert(Item).values(name="written right after"))
-            if backend(db) == "mysql":
-                await conn.execute(text("UNLOCK TABLES"))
-    finally:
-        await other.dispose()
-    async with db.scope():
-        db.session.add(Item(name="written through the pool"))
-        await db.session.commit()
-    names = await item_names(db)
-    assert "written right after" in names
-    assert "written through the pool" in names
 
 
 async def test_an_abandoned_stream_is_closed_before_its_connection_returns(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -56,6 +57,7 @@ class Scope:
     _request: Mapping[str, Any] | None = None  # the ASGI scope, when the middleware opened it
     closed = False
     failed = False
+    cancelled = False  # the work was cancelled: its connections' state is unknown
     serialize = False
     status: int | None = None
 
@@ -82,6 +84,17 @@ class Scope:
             what = f"{request['type']} {request.get('path', '?')}"
         return f"<Scope {what} {state}, {len(self._opened)} session(s)>"
 
+    def _cancel(self, cancellation: asyncio.CancelledError) -> None:
+        """The work was cancelled: discard its connections, and free what its frames hold.
+
+        A statement cancelled half-way leaves its cursor in the frames of the cancellation's
+        traceback; on SQLite that cursor keeps its read lock, even on a discarded connection,
+        until the traceback is garbage-collected. The frames' locals are of no use to
+        anyone reading a cancellation, so they are cleared now.
+        """
+        self.cancelled = True
+        traceback.clear_frames(cancellation.__traceback__)
+
     async def _commit_due(self) -> None:
         """Commit each session whose commit policy commits on this scope's outcome so far.
 
@@ -94,25 +107,21 @@ class Scope:
         if self.failed:
             return
         for database, session in self._opened:
-            if (
-                database._commits(self.status)
-                and session.in_transaction()
-                and not _begun_by_app(session)
-                and not _streaming(session)
-            ):
-                await session._alchemy_hold(commit_or_discard)
+            if database._commits(self.status) and _policy_may_commit(session):
+                await session._alchemy_hold(_commit_if_still_due)
 
     async def _finish(self) -> None:
         """Commit what the policy says, then close every session and drop its registry entry.
 
-        Every session is ended even when an earlier one fails; the first error is raised.
+        Every session is ended even when an earlier one fails (or the ending is cancelled);
+        the first error is raised.
         """
-        error: Exception | None = None
+        error: BaseException | None = None
         opened, self._opened = self._opened, ()
         for database, session in opened:
             try:
                 await self._end_session(database, session)
-            except Exception as exc:
+            except BaseException as exc:
                 error = error or exc
         if error is not None:
             raise error
@@ -121,36 +130,50 @@ class Scope:
         """End one session: close its streams, commit or roll back, close, forget.
 
         Whatever raises on the way, the session is closed and its registry entry dropped;
-        if closing fails, its connections are discarded so none stays checked out.
+        if closing fails, its connections are discarded so none stays checked out. A
+        session whose work was cancelled half-way is discarded without a ROLLBACK: its
+        connection may be in the middle of a statement (aiosqlite goes on running it in its
+        thread), so it is closed instead of returned to the pool.
         """
         binding = session._alchemy_binding
+        discard = (self.cancelled or session._alchemy_interrupted) and binding is None
         try:
             if session._alchemy_owner is not None:  # a task still uses it: let it finish
                 await session._alchemy_wait_idle()
             if binding is not None:
                 await binding.take_turn(session)
             if session._alchemy_streams:  # before COMMIT and before the connection returns
-                await _close_streams(session)
-            if session.in_transaction():
-                if _begun_by_app(session):
-                    logger.warning(
-                        "%r ended inside a transaction the app began (begin() or "
-                        "begin_nested()) and never ended: rolled back",
-                        self,
-                    )
-                elif not self.failed and database._commits(self.status):
-                    await commit_or_discard(session)
+                await _close_streams(session, quietly=discard)
+            if discard:
+                return
+            await self._commit_or_leave(database, session)
         finally:
             transaction = session.sync_session.get_transaction()
             try:
-                await AsyncSession.close(session)
-            except Exception:
+                if discard:
+                    await AsyncSession.invalidate(session)
+                else:
+                    await AsyncSession.close(session)
+            except BaseException:
                 await _discard_connections(session, transaction)
                 raise
             finally:
                 database._forget(self)
                 if binding is not None:
                     binding.leave(session)
+
+    async def _commit_or_leave(self, database: Database, session: ScopedSession) -> None:
+        """At scope end: commit the policy's transaction; warn of one the app left open."""
+        if not session.in_transaction():
+            return
+        if _begun_by_app(session):
+            logger.warning(
+                "%r ended inside a transaction the app began (begin() or begin_nested()) "
+                "and never ended: rolled back",
+                self,
+            )
+        elif not self.failed and database._commits(self.status):
+            await commit_or_discard(session)
 
     async def _leave(self, token: Token[Scope | None], work_raised: bool) -> None:
         """End this scope's sessions and make the enclosing scope current again.
@@ -245,20 +268,36 @@ def _begun_by_app(session: AsyncSession) -> bool:
     return transaction is not None and transaction.origin is not SessionTransactionOrigin.AUTOBEGIN
 
 
+def _policy_may_commit(session: ScopedSession) -> bool:
+    """Whether the session has a transaction of the policy's, with no stream reading it."""
+    return session.in_transaction() and not _begun_by_app(session) and not _streaming(session)
+
+
+async def _commit_if_still_due(session: ScopedSession) -> None:
+    """Commit, unless the operation the commit waited for opened a stream or a block."""
+    if _policy_may_commit(session):
+        await commit_or_discard(session)
+
+
 def _streaming(session: ScopedSession) -> bool:
     """Whether a result the session streamed is still being read (not exhausted, not closed)."""
     return any(not result._soft_closed for result in session._alchemy_streams)
 
 
-async def _close_streams(session: ScopedSession) -> None:
+async def _close_streams(session: ScopedSession, *, quietly: bool) -> None:
     """Close every result the session streamed, so no cursor outlives the scope.
 
     A streamed result left unread keeps its cursor open after the session has returned the
     connection; on SQLite that open read blocks every writer until garbage collection.
+    ``quietly``: the connection is about to be discarded; a failure to close is ignored.
     """
     streams, session._alchemy_streams = session._alchemy_streams, ()
     for result in streams:
-        await result.close()
+        try:
+            await result.close()
+        except Exception:
+            if not quietly:
+                raise
 
 
 async def _discard_connections(
@@ -343,6 +382,8 @@ class ScopeBlock:
         current.closed = True
         if exc_type is not None:
             current.failed = True
+            if isinstance(exc, asyncio.CancelledError):
+                current._cancel(exc)
         if current._opened:
             await current._leave(self._token, exc_type is not None)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -55,6 +56,8 @@ class ScopedSession(AsyncSession):
     _alchemy_lock: asyncio.Lock | None = None
     _alchemy_idle: asyncio.Future[None] | None = None
     _alchemy_binding: SharedConnection | None = None  # set while its Database is bound_to()
+    # An operation was cancelled half-way: the connection's state is unknown.
+    _alchemy_interrupted = False
     # Results of stream()/stream_scalars(), closed when the scope ends.
     _alchemy_streams: list[AsyncResult[Any] | AsyncScalarResult[Any]] | tuple[()] = ()
 
@@ -75,7 +78,7 @@ class ScopedSession(AsyncSession):
             if not idle.done():
                 idle.set_result(None)
 
-    async def _alchemy_hold(self, work: Callable[[AsyncSession], Awaitable[None]]) -> None:
+    async def _alchemy_hold(self, work: Callable[[ScopedSession], Awaitable[None]]) -> None:
         """Run ``work`` (the commit policy's) as an operation of its own on this session.
 
         It waits for an operation another task is running, and operations that other tasks
@@ -139,6 +142,12 @@ async def _run_owning(
         if binding is not None:
             await binding.take_turn(session)
         return await call(session, *args, **kwargs)
+    except asyncio.CancelledError as cancellation:
+        # The connection's state is unknown: the scope discards it. The finished frames
+        # below hold the half-run cursor, which on SQLite keeps its lock until they go.
+        session._alchemy_interrupted = True
+        traceback.clear_frames(cancellation.__traceback__)
+        raise
     finally:
         if binding is not None:
             binding.done(session)

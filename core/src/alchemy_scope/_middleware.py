@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -62,8 +63,10 @@ class ScopeMiddleware:
                 await self.app(scope, receive, _watching_send(current, send))
             else:  # manual commits only: nothing to do before the response is sent
                 await self.app(scope, receive, send)
-        except BaseException:
+        except BaseException as exc:
             current.failed = raised = True
+            if isinstance(exc, asyncio.CancelledError):
+                current._cancel(exc)
             raise
         else:
             if watching and current.status is None and kind == "http":

@@ -1,0 +1,308 @@
+"""The fault-injection matrix: each database operation of a scenario fails in turn, each way.
+
+A scenario is one request (or websocket message) against an app that serves the routes
+below. The matrix runs it once to record the operations it performs (``tests.faults``),
+then once per recorded operation and fault, and after every case checks that the scope
+ended clean:
+
+- registry empty, no connection checked out, no PostgreSQL backend idle in transaction;
+- another connection can lock and write the table at once (nothing locked, no cursor open);
+- a 2xx (or a websocket acknowledgement) only for work that is committed;
+- the exception that reaches the server is the handler's own, when the handler raised;
+- no warning (a garbage-collected connection, inconsistent results) once garbage is collected.
+
+Routes every matrix app serves (``db`` is the Database under test; ``manual`` policy routes
+commit themselves, ``autocommit`` ones leave it to the policy):
+
+- ``POST /plain/{name}``: count the items, add one named ``name``, flush, answer 201.
+- ``GET /stream/{name}``: add and flush an item, then stream three item names from
+  ``db.session.stream(...)`` as the body, answer 200.
+- ``POST /background/{name}``: answer 202; a background task of the request adds the item.
+- ``POST /block/{name}``: add the item inside ``async with db.session.begin():``, answer 201.
+- websocket ``/ws``: each text message adds an item of that name, commits, replies ``ok``.
+
+The handlers record what they raised in ``app.state_errors`` (``record_handler_error``) so
+the matrix can tell the handler's exception from a cleanup's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+from websockets.asyncio.client import connect
+
+from alchemy_scope import Database
+
+from .faults import Case, FaultInjector
+from .models import Item
+from .support import assert_no_leaks, assert_writable, item_names
+
+SCENARIOS = ("plain", "stream", "background", "block", "websocket")
+
+
+@dataclass
+class Observed:
+    """What one request's handler raised and what reached the server."""
+
+    handler_errors: list[BaseException] = field(default_factory=list)
+    server_errors: list[BaseException] = field(default_factory=list)
+
+
+def observing(app: Any, observed: Observed) -> Any:
+    """Wrap an ASGI app to record what propagates out of it (what the server sees)."""
+
+    async def server_side(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await app(scope, receive, send)
+        except BaseException as exc:
+            if scope["type"] != "lifespan":
+                observed.server_errors.append(exc)
+            raise
+
+    return server_side
+
+
+async def count(db: Database) -> int:
+    """Count the items through the scope's session (one more statement to fail)."""
+    return int(await db.session.scalar(select(func.count()).select_from(Item)) or 0)
+
+
+async def stream_names(db: Database) -> AsyncIterator[bytes]:
+    """Three item names, read from a streamed result of the scope's session."""
+    result = await db.session.stream(
+        select(Item.name).order_by(Item.id).limit(3).execution_options(yield_per=2)
+    )
+    async for row in result:
+        yield row.name.encode() + b"\n"
+
+
+@dataclass
+class Reply:
+    """What the client got: a status (None: no complete response) and whether it was acked."""
+
+    status: int | None
+    acknowledged: bool
+
+
+Send = Callable[[str], Awaitable[Reply]]
+
+
+class Client:
+    """Sends each scenario's request to the app, in-process or through a real server."""
+
+    def __init__(self, http: httpx.AsyncClient, ws_url: str | None, app: Any) -> None:
+        self.http = http
+        self.ws_url = ws_url
+        self.app = app
+
+    async def send(self, scenario: str, name: str) -> Reply:
+        if " " in scenario:  # "METHOD /path/{name}": an app's own route, acknowledged by a 2xx
+            method, path = scenario.split(" ", 1)
+            response = await self.http.request(method, path.format(name=name))
+            return Reply(response.status_code, 200 <= response.status_code < 300)
+        if scenario == "websocket":
+            return await self._websocket(name)
+        method = "GET" if scenario == "stream" else "POST"
+        response = await self.http.request(method, f"/{scenario}/{name}")
+        ok = 200 <= response.status_code < 300
+        return Reply(response.status_code, ok and scenario != "background")
+
+    async def _websocket(self, name: str) -> Reply:
+        if self.ws_url is None:
+            return await _websocket_in_process(self.app, name)
+        async with connect(self.ws_url, open_timeout=5, close_timeout=1) as ws:
+            await ws.send(name)
+            try:
+                answer = await asyncio.wait_for(ws.recv(), 5)
+            except Exception:
+                return Reply(None, False)
+            return Reply(101, answer == "ok")
+
+
+async def _websocket_in_process(app: Any, name: str) -> Reply:
+    """Drive one websocket message through the ASGI app directly, as a server would."""
+    incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for message in (
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": name},
+    ):
+        incoming.put_nowait(message)
+    sent: list[dict[str, Any]] = []
+    acked = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        message = await incoming.get()
+        return message
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "websocket.send":
+            acked.set()
+            incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        if message["type"] == "websocket.close":
+            incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+
+    scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "headers": [],
+        "scheme": "ws",
+        "asgi": {"version": "3.0"},
+        "server": ("test", 80),
+        "client": ("test", 1),
+        "root_path": "",
+        "subprotocols": [],
+        "extensions": {},
+        "state": {},
+    }
+    with contextlib.suppress(Exception):
+        await app(scope, receive, send)
+    answers = [m.get("text") for m in sent if m["type"] == "websocket.send"]
+    return Reply(101 if answers else None, answers == ["ok"])
+
+
+ClientFactory = Callable[[Any], AbstractAsyncContextManager[Client]]
+
+
+@asynccontextmanager
+async def in_process(app: Any) -> AsyncIterator[Client]:
+    """Requests through httpx's ASGI transport, with the app's lifespan run around them."""
+    from .adapters.scenarios import asgi_client
+
+    async with asgi_client(app) as http:
+        yield Client(http, None, app)
+
+
+def through(server: Callable[[Any], AbstractAsyncContextManager[str]]) -> ClientFactory:
+    """Requests through a real server started with ``server`` (uvicorn, hypercorn)."""
+
+    @asynccontextmanager
+    async def served(app: Any) -> AsyncIterator[Client]:
+        async with server(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            yield Client(http, url.replace("http://", "ws://") + "/ws", app)
+
+    return served
+
+
+async def run_matrix(
+    db: Database,
+    make_app: Callable[[Database, Observed], Any],
+    scenario: str,
+    clients: ClientFactory,
+    *,
+    sample: int | None = None,
+) -> list[Case]:
+    """Record ``scenario``, then fail each operation with each fault; raise on any problem.
+
+    Args:
+        db: The database under test (its engine is hooked for the run).
+        make_app: Builds the app serving the matrix routes on ``db``, recording into the
+            ``Observed`` it is given.
+        scenario: One of :data:`SCENARIOS`, or ``"METHOD /path/{name}"`` for a route of
+            the app's own that writes an item named ``name`` and answers 2xx once committed.
+        clients: How requests reach the app (:func:`in_process` or :func:`through`).
+        sample: Run only every ``sample``-th case (the slower legs on CI).
+
+    Returns:
+        The cases that ran.
+    """
+    observed = Observed()
+    app = observing(make_app(db, observed), observed)
+    injector = FaultInjector(db.engine)
+    problems: list[str] = []
+    try:
+        async with clients(app) as client:
+            injector.arm(None)
+            recorded = await _one(client, scenario, "recorded")
+            assert recorded.acknowledged or scenario == "background", recorded
+            await _settle(db, scenario)
+            cases = injector.cases()
+            assert cases, f"{scenario} performed no database operation"
+            if sample:
+                cases = cases[::sample]
+            for number, case in enumerate(cases):
+                observed.handler_errors.clear()
+                observed.server_errors.clear()
+                name = f"{scenario[:4].strip()}-{number}-{case.fault}"
+                injector.arm(case)
+                reply = await _one(client, scenario, name)
+                await _settle(db, scenario)
+                injector.arm(None)
+                problems += [f"{case}: {p}" for p in await _check(db, name, reply, observed)]
+    finally:
+        injector.remove()
+    if problems:
+        raise AssertionError(
+            f"{len(problems)} problem(s) in {len(cases)} cases of {scenario}:\n"
+            + "\n".join(problems)
+        )
+    return cases
+
+
+async def _one(client: Client, scenario: str, name: str) -> Reply:
+    """Send one request in a task of its own, so a cancellation stays with the request."""
+    task = asyncio.create_task(client.send(scenario, name))
+    try:
+        return await asyncio.wait_for(task, 15)
+    except (Exception, asyncio.CancelledError):
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():  # the test itself is cancelled
+            raise
+        return Reply(None, False)
+
+
+async def _settle(db: Database, scenario: str) -> None:
+    """Give work that outlives the response (background tasks, scope ends) time to end."""
+    await asyncio.sleep(0.05 if scenario in ("background", "websocket", "stream") else 0)
+
+
+async def _check(db: Database, name: str, reply: Reply, observed: Observed) -> list[str]:
+    found: list[str] = []
+    try:
+        await assert_no_leaks(db, wait=3)
+    except AssertionError as exc:
+        found.append(f"leak: {exc}")
+    try:
+        await assert_writable(db)
+    except Exception as exc:
+        found.append(f"not writable: {exc!r}")
+    if reply.acknowledged and name not in await item_names(db):
+        found.append(f"acknowledged ({reply.status}) but not committed")
+    handler = observed.handler_errors[0] if observed.handler_errors else None
+    for server in observed.server_errors:
+        if handler is not None and server is not handler:
+            found.append(f"server saw {server!r} instead of the handler's {handler!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    found += [f"warning: {w.message}" for w in caught]
+    return found
+
+
+def record_handler_error(observed: Observed, error: BaseException) -> None:
+    """What a handler calls when it raises, before re-raising."""
+    observed.handler_errors.append(error)
+
+
+__all__ = [
+    "SCENARIOS",
+    "Client",
+    "Observed",
+    "count",
+    "in_process",
+    "record_handler_error",
+    "run_matrix",
+    "stream_names",
+    "through",
+]
