@@ -108,7 +108,11 @@ class Scope:
             return
         for database, session in self._opened:
             if database._commits(self.status) and _policy_may_commit(session):
-                await session._alchemy_hold(_commit_if_still_due)
+                try:
+                    await session._alchemy_hold(_commit_if_still_due)
+                except BaseException:
+                    self.failed = True  # nothing more is committed: not later, not elsewhere
+                    raise
 
     async def _finish(self) -> None:
         """Commit what the policy says, then close every session and drop its registry entry.
@@ -172,7 +176,7 @@ class Scope:
                 "and never ended: rolled back",
                 self,
             )
-        elif not self.failed and database._commits(self.status):
+        elif not self.failed and database._commits(self.status) and _still_active(session):
             await commit_or_discard(session)
 
     async def _leave(self, token: Token[Scope | None], work_raised: bool) -> None:
@@ -270,7 +274,23 @@ def _begun_by_app(session: AsyncSession) -> bool:
 
 def _policy_may_commit(session: ScopedSession) -> bool:
     """Whether the session has a transaction of the policy's, with no stream reading it."""
-    return session.in_transaction() and not _begun_by_app(session) and not _streaming(session)
+    return (
+        session.in_transaction()
+        and _still_active(session)
+        and not _begun_by_app(session)
+        and not _streaming(session)
+    )
+
+
+def _still_active(session: AsyncSession) -> bool:
+    """Whether the session's transaction can still commit.
+
+    After a statement failed, or was cancelled where the framework swallowed the
+    cancellation (a streamed body's task), SQLAlchemy keeps the transaction but only lets it
+    roll back: committing it would raise ``PendingRollbackError`` in place of what failed.
+    """
+    transaction = session.sync_session.get_transaction()
+    return transaction is not None and transaction.is_active
 
 
 async def _commit_if_still_due(session: ScopedSession) -> None:
