@@ -17,7 +17,9 @@ Faults, applied just before the operation runs:
 - ``lost``: the connection dies for real (PostgreSQL: ``pg_terminate_backend``; MariaDB:
   ``KILL``; SQLite: the driver connection is closed), then the operation runs on it;
 - ``cancel``: the task running the operation is cancelled, then the operation runs (and is
-  interrupted at its first await, as a client disconnect or a timeout would).
+  interrupted at its first await, as a timeout would);
+- ``disconnect`` (behind a real server only): the client drops its connection, then the
+  operation runs; the server and framework react as they do to a real disconnect.
 
 Record a run first (``FaultInjector.recording``), then arm each recorded operation with
 each fault in turn: the cases are generated from what a scenario really does.
@@ -72,6 +74,9 @@ class FaultInjector:
         self.operations: list[str] = []
         self.armed: Case | None = None
         self.fired: Case | None = None
+        self.mismatch: str | None = None
+        # Set by a client behind a real server: drop the connection of the request in flight.
+        self.disconnect: Callable[[], None] | None = None
         self._returning = False
         sync_engine = engine.sync_engine
         self._dialect = dialect = sync_engine.dialect
@@ -109,18 +114,21 @@ class FaultInjector:
         self.operations = []
         self.armed = case
         self.fired = None
+        self.mismatch: str | None = None
 
-    def cases(self) -> list[Case]:
-        """Every recorded operation with every fault."""
+    def cases(self, *extra_faults: str) -> list[Case]:
+        """Every recorded operation with every fault (and ``extra_faults``: ``disconnect``)."""
         faults = SQLITE_FAULTS if self.engine.dialect.name == "sqlite" else FAULTS
+        faults = (*faults, *extra_faults)
         return [
             Case(index, label, fault)
             for index, label in enumerate(self.operations)
             for fault in faults
-            # A connection killed as it returns, with no ROLLBACK to follow, dies idle in the
-            # pool: the next user's first statement meets it (pool_pre_ping's job, not a
-            # scope's). "rollback on return <- lost" is the case where the pool notices.
-            if not (label == "return" and fault == "lost")
+            # A connection killed as it returns to the pool dies idle there: the ROLLBACK the
+            # pool may run is no I/O for some drivers (asyncpg after a COMMIT), and the next
+            # user's first statement meets the dead connection (pool_pre_ping's job, not a
+            # scope's). The "error" fault covers a return that fails.
+            if not (label in ("return", "rollback on return") and fault == "lost")
         ]
 
     # -- hooks ---------------------------------------------------------------------------
@@ -137,11 +145,18 @@ class FaultInjector:
         armed = self.armed
         if armed is None or armed.index != index or self.fired is not None:
             return
+        if armed.label != label:  # this run took another path: the case does not apply
+            self.mismatch = label
+            return
         self.fired = armed
         if armed.fault == "error":
             raise self._error_class(f"injected fault at {armed}")
         if armed.fault == "lost":
             await_only(_kill(self.engine.url, driver_connection))
+        elif armed.fault == "disconnect":  # the client drops the connection, then it goes on
+            assert self.disconnect is not None
+            self.disconnect()
+            await_only(asyncio.sleep(0.05))  # the server sees the connection go
         else:  # cancel: the next await of this task raises CancelledError
             task = asyncio.current_task()
             assert task is not None

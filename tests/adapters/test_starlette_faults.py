@@ -5,10 +5,9 @@ operations, then once per operation and fault (a driver error, the connection ki
 server, the task cancelled; behind a real server also the client disconnecting). Every
 scenario runs with both commit policies on every database leg. On CI the full matrix runs
 on one Python (``ALCHEMY_SCOPE_FULL_FAULT_MATRIX=1``, set by the noxfile for the newest);
-the other Pythons run every seventh case (a spread over operations and faults). Runs that
-still report defects this matrix found and that are not fixed yet are marked xfail (not
-strict) with the reason, from ``tests.fault_matrix.OPEN_DEFECTS``: their problems are
-printed on every run.
+the other Pythons run every seventh case (a spread over operations and faults). The few
+cases known to fail (``tests.fault_matrix.KNOWN``, with the reason) run last and are listed
+in the terminal summary.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from ..fault_matrix import (
     Observed,
     count,
     in_process,
-    open_defect,
     record_handler_error,
     run_matrix,
     stream_names,
@@ -44,15 +42,6 @@ from ..models import Item
 from ..servers import uvicorn_server
 
 SAMPLE = None if os.environ.get("ALCHEMY_SCOPE_FULL_FAULT_MATRIX") else 7
-
-
-def mark_open_defects(
-    request: pytest.FixtureRequest, db: Database, commit: str, scenario: str
-) -> None:
-    """Mark a run the matrix found defects in that are not fixed yet (tests.fault_matrix)."""
-    reason = open_defect(db.engine.dialect.name, scenario)
-    if reason and not (scenario == "stream" and commit == "manual"):
-        request.applymarker(pytest.mark.xfail(strict=False, reason=reason))
 
 
 def make_matrix_app(db: Database, observed: Observed) -> Starlette:
@@ -154,9 +143,8 @@ async def test_every_operation_failing_in_process_ends_the_scope_clean(
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("commit", ["manual", "autocommit"])
 async def test_every_operation_failing_behind_uvicorn_ends_the_scope_clean(
-    make_db: MakeDatabase, commit: Any, scenario: str, request: pytest.FixtureRequest
+    make_db: MakeDatabase, commit: Any, scenario: str
 ) -> None:
     """Behind uvicorn: whichever operation fails with whichever fault, the scope ends clean."""
     db = make_db(commit=commit)
-    mark_open_defects(request, db, commit, scenario)
     await run_matrix(db, make_matrix_app, scenario, through(uvicorn_server), sample=SAMPLE)

@@ -290,7 +290,11 @@ def _still_active(session: AsyncSession) -> bool:
     roll back: committing it would raise ``PendingRollbackError`` in place of what failed.
     """
     transaction = session.sync_session.get_transaction()
-    return transaction is not None and transaction.is_active
+    if transaction is None or not transaction.is_active:
+        return False
+    # A connection SQLAlchemy invalidated under the transaction (a cancelled fetch it took
+    # for a lost connection) can only be rolled back too.
+    return not any(connection.invalidated for connection, *_ in transaction._connections.values())
 
 
 async def _commit_if_still_due(session: ScopedSession) -> None:
