@@ -43,7 +43,7 @@ from alchemy_scope import Database
 from ..conftest import MakeDatabase
 from ..fault_matrix import in_process, run_matrix
 from ..servers import uvicorn_server
-from ..support import assert_no_leaks, count_items, item_names, registry
+from ..support import THOROUGH, assert_no_leaks, count_items, item_names, registry
 
 MakeApp = Callable[[Database], Any]
 
@@ -244,6 +244,7 @@ class AdapterScenarios:
             lambda db, _observed: self.app(db),
             f"POST /items/{{name}}?commit={flag}",
             in_process,
+            sample=None if THOROUGH else 5,
         )
 
     async def test_shutdown_disposes_the_engine(self, db: Database) -> None:

@@ -4,15 +4,14 @@ Cases are generated (``tests.fault_matrix``): each scenario runs once to record 
 operations, then once per operation and fault (a driver error, the connection killed on the
 server, the task cancelled; behind a real server also the client disconnecting). Every
 scenario runs with both commit policies on every database leg. On CI the full matrix runs
-on one Python (``ALCHEMY_SCOPE_FULL_FAULT_MATRIX=1``, set by the noxfile for the newest);
-the other Pythons run every seventh case (a spread over operations and faults). The few
+on one Python (``ALCHEMY_SCOPE_THOROUGH=1``, set by the noxfile for the newest); the other
+Pythons run every thirteenth case (a spread over operations and faults). The few
 cases known to fail (``tests.fault_matrix.KNOWN``, with the reason) run last and are listed
 in the terminal summary.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,8 +39,9 @@ from ..fault_matrix import (
 )
 from ..models import Item
 from ..servers import uvicorn_server
+from ..support import THOROUGH
 
-SAMPLE = None if os.environ.get("ALCHEMY_SCOPE_FULL_FAULT_MATRIX") else 7
+SAMPLE = None if THOROUGH else 13
 
 
 def make_matrix_app(db: Database, observed: Observed) -> Starlette:
