@@ -28,6 +28,7 @@ the matrix can tell the handler's exception from a cleanup's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import warnings
@@ -48,8 +49,10 @@ from .support import assert_no_leaks, assert_writable, backend, item_names
 
 SCENARIOS = ("plain", "stream", "background", "block", "websocket")
 
-# The known cases that failed as expected in this run, for the terminal summary.
+# The known cases that failed as expected in this run, and how many cases ran on each
+# database, for the terminal summary.
 KNOWN_SEEN: list[str] = []
+CASES_RUN: collections.Counter[str] = collections.Counter()
 # Cases that still fail, each with the reason: (backend, scenario, operation, fault). Their
 # problems are listed in the terminal summary instead of failing the run; they run last.
 KNOWN: dict[tuple[str, str, str, str], str] = {
@@ -277,6 +280,7 @@ async def run_matrix(
                 cases = cases[::sample]
             # Known failures last: what they leave pinned must not fail the cases after them.
             cases.sort(key=lambda case: (backend(db), scenario, case.label, case.fault) in KNOWN)
+            CASES_RUN[backend(db)] += len(cases)
             for number, case in enumerate(cases):
                 observed.handler_errors.clear()
                 observed.server_errors.clear()
