@@ -440,7 +440,11 @@ class TodoContract:
             # scope's close then fails: "Connection closed"); the unfinalized statement keeps
             # the closed connection's read lock until the cursor is garbage collected.
             reason = "a stream cancelled mid-fetch keeps SQLite locked until gc"
-            request.applymarker(pytest.mark.xfail(reason=reason, raises=httpx.TimeoutException))
+            # Not strict: the lock needs a disconnect that lands during a fetch, a race that
+            # fewer exports (every Python but the newest) do not always win.
+            request.applymarker(
+                pytest.mark.xfail(reason=reason, raises=httpx.TimeoutException, strict=False)
+            )
         # Half the clients reset the connection, half close the stream with httpx.
         abandon = [export_then_reset, export_then_close] * (ABANDON_BATCH // 2)
         gc.disable()  # the scope's end must free the cursors, not the garbage collector
