@@ -7,8 +7,13 @@ SQLite always; PostgreSQL and MariaDB when ALCHEMY_SCOPE_TEST_DATABASES lists th
 
 from __future__ import annotations
 
+import datetime
+import fnmatch
+import json
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import nox
@@ -170,3 +175,221 @@ def reliability(session: nox.Session) -> None:
         "reliability/requirements.txt",
     )
     session.run("python", "-m", "reliability", *session.posargs)
+
+
+MUTMUT = "mutmut==3.8.1"  # pinned: the session reads its stats file and its mutated modules
+MUTANTS = ROOT / ".mutmut"  # mutmut's directory (gitignored): sources, tests, mutants/, report
+# The functions that importing alchemy_scope calls (a mutant there takes effect only in a
+# process that imports it with the mutant active), printed as JSON by mutmut's trampolines.
+_IMPORT_TIME_FUNCTIONS = (
+    "import json, os, sys; os.environ['MUTANT_UNDER_TEST'] = 'stats'; "
+    "sys.path.insert(0, os.path.abspath('mutants/src')); import alchemy_scope.pytest_plugin; "
+    "assert alchemy_scope.__file__.startswith(sys.path[0]), alchemy_scope.__file__; "
+    "from mutmut.state import state; print(json.dumps(sorted(state()._stats)))"
+)
+# The diffs of the mutants named as arguments, as one JSON object on one line.
+_MUTANT_DIFFS = (
+    "import json, sys; from mutmut.mutation.diff_apply import get_diff_for_mutant; "
+    "print(json.dumps({name: get_diff_for_mutant(name) for name in sys.argv[1:]}))"
+)
+
+
+def _toml_table(name: str, table: dict[str, object]) -> list[str]:
+    """A TOML table of strings, numbers, booleans and lists of them (JSON spells them alike)."""
+    return [f"[{name}]", *(f"{key} = {json.dumps(value)}" for key, value in table.items()), ""]
+
+
+def _write_mutmut_config(config: dict[str, object], *, forkserver: bool) -> None:
+    """Write .mutmut/pyproject.toml: the root's pytest options and mutants.toml's mutmut table."""
+    mutmut: dict[str, object] = dict(config["tool"]["mutmut"])  # type: ignore[index]
+    if forkserver:
+        mutmut.update(
+            process_isolation="forkserver",
+            forkserver_warmup="import",
+            preload_modules_file="preload.txt",
+        )
+    lines = [
+        "# Written by `nox -s mutants` from pyproject.toml and mutants.toml: edit those.",
+        *_toml_table("tool.pytest.ini_options", PYPROJECT["tool"]["pytest"]["ini_options"]),
+        *_toml_table("tool.mutmut", mutmut),
+    ]
+    (MUTANTS / "pyproject.toml").write_text("\n".join(lines))
+
+
+def _stage_mutants(config: dict[str, object]) -> None:
+    """Lay out .mutmut/ as mutmut 3 wants it: src/alchemy_scope, tests/ and the config."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.db")
+    core = ROOT / "core" / "src" / "alchemy_scope"
+    shutil.copytree(core, MUTANTS / "src" / "alchemy_scope", ignore=ignore, dirs_exist_ok=True)
+    shutil.copytree(ROOT / "tests", MUTANTS / "tests", ignore=ignore, dirs_exist_ok=True)
+    preload = config["import-time"]["preload_modules"]  # type: ignore[index]
+    (MUTANTS / "preload.txt").write_text("".join(f"{module}\n" for module in preload))
+    _write_mutmut_config(config, forkserver=False)
+
+
+def _select_for_import_time(session: nox.Session, tests_of: str | None) -> list[str]:
+    """Tie the functions that importing alchemy_scope calls to the tests of ``tests_of``.
+
+    mutmut ties such a function to whichever test ran first, and in a worker forked from a
+    process that has imported alchemy_scope, its mutants never take effect: the second pass
+    tests them. ``None`` ties them to no test, so that the first pass skips them ("no
+    tests") when mutmut's stats exist already. Returns the functions.
+    """
+    output = session.run("python", "-c", _IMPORT_TIME_FUNCTIONS, silent=True)
+    functions: list[str] = json.loads(str(output).strip().splitlines()[-1])
+    stats_path = MUTANTS / "mutants" / "mutmut-stats.json"
+    stats = json.loads(stats_path.read_text())
+    tests = stats["tests_by_mangled_function_name"]
+    if tests_of is not None and tests_of not in tests:
+        session.error(f"mutants.toml: [import-time] tests_of {tests_of!r} has no tests")
+    for function in functions:
+        tests[function] = [] if tests_of is None else sorted(tests[tests_of])
+    stats_path.write_text(json.dumps(stats, indent=4))
+    return functions
+
+
+def _function_of(mutant: str) -> str:
+    """``alchemy_scope._core.xǁScopeǁ_end__mutmut_3`` -> ``alchemy_scope._core.Scope._end``."""
+    module, _, mangled = mutant.partition("__mutmut_")[0].rpartition(".")
+    if mangled.startswith("xǁ"):
+        return f"{module}.{'.'.join(mangled[2:].split('ǁ'))}"
+    return f"{module}.{mangled.removeprefix('x_')}"
+
+
+def _mutant_number(mutant: str) -> int:
+    return int(mutant.rpartition("__mutmut_")[2])
+
+
+def _source_state() -> str:
+    """The commit the run tested, and whether core/src or tests had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "core/src", "tests"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return f"{head} + uncommitted changes in core/src or tests" if changed else head
+
+
+def _report_mutants(session: nox.Session, started: float) -> None:
+    """Print the figures; write the surviving mutants and their diffs to .mutmut/survivors.md."""
+    output = str(session.run("mutmut", "results", "--all", "true", silent=True))
+    status_of = {}
+    for line in output.splitlines():
+        name, separator, status = line.strip().rpartition(": ")
+        if separator and "__mutmut_" in name:
+            status_of[name] = status
+    counts: dict[str, int] = {}
+    for status in status_of.values():
+        counts[status] = counts.get(status, 0) + 1
+    total = len(status_of)
+    killed, survived, timeout = (counts.get(s, 0) for s in ("killed", "survived", "timeout"))
+    checked = total - counts.get("not checked", 0) - counts.get("skipped", 0)
+    rate = 100 * (killed + timeout) / checked if checked else 0.0
+    others = ", ".join(
+        f"{n} {s}" for s, n in sorted(counts.items()) if s not in ("killed", "survived", "timeout")
+    )
+    minutes = (time.monotonic() - started) / 60
+    figures = [
+        f"mutants: {total} total, {killed} killed, {survived} survived, {timeout} timeout"
+        + (f", {others}" if others else ""),
+        f"kill rate: {rate:.1f}% ((killed + timeout) / checked)"
+        + (f"; killed alone {100 * killed / checked:.1f}%" if checked else ""),
+        f"source: {_source_state()}; this session: {minutes:.0f} min, {MUTMUT}",
+    ]
+    survivors = sorted(
+        (name for name, status in status_of.items() if status == "survived"),
+        key=lambda name: (_function_of(name), _mutant_number(name)),
+    )
+    diffs: dict[str, str] = {}
+    if survivors:
+        diffs_output = session.run("python", "-c", _MUTANT_DIFFS, *survivors, silent=True)
+        diffs = json.loads(str(diffs_output).strip().splitlines()[-1])
+    by_function: dict[str, list[str]] = {}
+    for name in survivors:
+        by_function.setdefault(_function_of(name), []).append(name)
+    lines = [
+        "# Surviving mutants",
+        "",
+        f"Written by `nox -s mutants` on {datetime.date.today()}.",
+        "",
+        *(f"- {line}" for line in figures),
+        "",
+    ]
+    for function, names in by_function.items():
+        lines += [f"## {function} ({len(names)})", ""]
+        for name in names:
+            lines += [f"### {name}", "", "```diff", diffs.get(name, "?"), "```", ""]
+    unusual = sorted(n for n, s in status_of.items() if s not in ("killed", "survived"))
+    if unusual:
+        lines += ["## Neither killed nor survived", ""]
+        lines += [f"- {name}: {status_of[name]}" for name in unusual] + [""]
+    report = MUTANTS / "survivors.md"
+    report.write_text("\n".join(lines))
+    for line in figures:
+        session.log(line)
+    for function, names in by_function.items():
+        session.log(f"  {len(names):3} survived in {function}")
+    session.log(f"surviving mutants and their diffs: {report.relative_to(ROOT)}")
+
+
+def _mutants_jobs(databases: str) -> int:
+    """Parallel mutants: ALCHEMY_SCOPE_MUTANTS_JOBS, else 2 on an idle machine, else 1."""
+    if databases:  # forked workers share one run database per server: one at a time
+        return 1
+    if os.environ.get("ALCHEMY_SCOPE_MUTANTS_JOBS"):
+        return int(os.environ["ALCHEMY_SCOPE_MUTANTS_JOBS"])
+    idle_cores = (os.cpu_count() or 1) - os.getloadavg()[0]
+    return min(2, max(1, int(idle_cores)))
+
+
+@nox.session(python="3.11", default=False)
+def mutants(session: nox.Session) -> None:
+    """Mutation testing of the core's lifecycle (_core, _middleware, _database) with mutmut.
+
+    Not in `tests`, not in CI. Runs tests/core on SQLite against each mutant, then prints
+    the figures and writes the surviving mutants with their diffs to .mutmut/survivors.md
+    (tests/MUTANTS.md: how to read them, the last figures). A full run starts afresh;
+    `nox -s mutants -- --keep` resumes an interrupted one, and `-- 'alchemy_scope._core*'`
+    retests mutants by name (mutmut's globs) with the current tests. Parallel mutants:
+    ALCHEMY_SCOPE_MUTANTS_JOBS (default: 2 on an idle machine, else 1). Server legs, slow
+    and one mutant at a time: ALCHEMY_SCOPE_MUTANTS_DATABASES, spelt like
+    ALCHEMY_SCOPE_TEST_DATABASES.
+    """
+    session.install("-e", "core", *TEST_DEPENDENCIES, MUTMUT)
+    started = time.monotonic()
+    names = [arg for arg in session.posargs if arg != "--keep"]
+    if not names and "--keep" not in session.posargs:
+        shutil.rmtree(MUTANTS, ignore_errors=True)
+    config = nox.project.load_toml("mutants.toml")
+    _stage_mutants(config)
+    databases = os.environ.get("ALCHEMY_SCOPE_MUTANTS_DATABASES", "")
+    env = {"ALCHEMY_SCOPE_TEST_DATABASES": databases}
+    nice = ["nice", "-n", "10"] if shutil.which("nice") else []
+    run = [*nice, "mutmut", "run", "--max-children", str(_mutants_jobs(databases))]
+    with session.chdir(MUTANTS):
+        if (MUTANTS / "mutants" / "mutmut-stats.json").exists():  # --keep, or names
+            _select_for_import_time(session, None)
+        session.run(*run, *names, env=env, external=True)
+        # Second pass: the functions importing alchemy_scope calls, in workers that import it
+        # with their mutant active.
+        import_time = _select_for_import_time(session, config["import-time"]["tests_of"])
+        patterns = [
+            f"{function}__mutmut_*"
+            for function in import_time
+            if not names or any(fnmatch.fnmatch(f"{function}__mutmut_1", name) for name in names)
+        ]
+        if patterns:
+            _write_mutmut_config(config, forkserver=True)
+            session.run(*run, *patterns, env=env, external=True)
+            _write_mutmut_config(config, forkserver=False)
+        _report_mutants(session, started)
