@@ -107,12 +107,15 @@ class TodoOut(BaseModel):
     done: bool
 
 
-def decimal_digits(value: str) -> str:
+def decimal_digits(value: str | int) -> str | int:
     r"""The query or path string, if it is ASCII decimal digits only; pydantic makes it an int.
 
     Pydantic's lax int parsing, which FastAPI uses for query and path parameters, also reads
     "1.0", "+5", " 5", "5\n", "1_000" and "-0" as integers; the other examples refuse them.
+    Older FastAPI (0.115) also validates a parameter's default, an int: that one passes.
     """
+    if isinstance(value, int):
+        return value
     if not (value.isascii() and value.isdigit()):
         raise ValueError("must be an integer in decimal digits")
     return value
