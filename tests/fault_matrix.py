@@ -322,7 +322,8 @@ async def _one(client: Client, scenario: str, name: str) -> Reply:
         return await asyncio.wait_for(task, 15)
     except (Exception, asyncio.CancelledError):
         current = asyncio.current_task()
-        if current is not None and current.cancelling():  # the test itself is cancelled
+        cancelling = getattr(current, "cancelling", None)  # Python 3.11+
+        if cancelling is not None and cancelling():  # the test itself is cancelled
             raise
         return Reply(None, False)
 
