@@ -61,6 +61,10 @@ KNOWN: dict[tuple[str, str, str, str], str] = {
         "aiosqlite connection without closing the cursor; the unfinished sqlite3 statement "
         "keeps the read lock until the cancellation's traceback is garbage-collected"
     ),
+    ("sqlite", "stream", "commit", "error"): (
+        "Python 3.13: the connection invalidated after the failed COMMIT leaves aiosqlite's "
+        "sqlite3 connection unclosed (ResourceWarning 'unclosed database' when collected)"
+    ),
     ("sqlite", "stream", "fetch", "disconnect"): (
         "the client's disconnect cancels the streamed body's fetch: as for 'cancel' above, the "
         "sqlite3 statement keeps the read lock until garbage collection"
