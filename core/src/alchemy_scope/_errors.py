@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+
+DOCS_URL = "https://alchemy-scope.github.io/alchemy-scope/"
+"""The documentation site; every exception's message ends with a link to its section."""
+
+
+def _see(exception: str) -> str:
+    """The sentence that ends each message: where the documentation explains ``exception``."""
+    return f" See {DOCS_URL}errors/#{exception.lower()}"
 
 
 class AlchemyScopeError(Exception):
@@ -21,7 +32,7 @@ class NoScopeError(AlchemyScopeError, LookupError):
             "`alchemy_scope.ScopeMiddleware` to any ASGI app); in scripts, jobs and tests, "
             "wrap the work in `async with db.scope(): ...`. Litestar's AlchemyScopePlugin "
             "opens scopes once the app has started: run its lifespan (in tests, "
-            "`with TestClient(app) as client:`)."
+            "`with TestClient(app) as client:`)." + _see("NoScopeError")
         )
 
 
@@ -33,7 +44,7 @@ class ScopeClosedError(AlchemyScopeError):
             "The session was used after its scope had ended: this code runs in a task that "
             "outlived the request (or the `async with db.scope()` block) that started it, "
             "and that scope's session is already closed. Give the late work a scope of its "
-            "own: `async with db.scope(): ...` inside the task."
+            "own: `async with db.scope(): ...` inside the task." + _see("ScopeClosedError")
         )
 
 
@@ -58,6 +69,7 @@ class ConcurrentSessionUseError(AlchemyScopeError):
         super().__init__(
             f"AsyncSession.{attempted}() was called while AsyncSession.{running}() was still "
             f"running on the same session, from another task of the same scope. {advice}"
+            + _see("ConcurrentSessionUseError")
         )
 
 
@@ -73,6 +85,7 @@ class SharedConnectionBusyError(AlchemyScopeError):
             "`await db.session.commit()` in the test body) before another scope needs the "
             "database, and send requests through an in-process client (httpx.ASGITransport) "
             "started inside the test, so their scopes nest inside the test's."
+            + _see("SharedConnectionBusyError")
         )
 
 
@@ -83,14 +96,99 @@ class AlreadyInstalledError(AlchemyScopeError, RuntimeError):
         super().__init__(
             "alchemy-scope is already installed in this app; a second installation would nest "
             f"scopes and dispose engines twice. Install it once, with every database: "
-            f"{how_to_install_once}."
+            f"{how_to_install_once}." + _see("AlreadyInstalledError")
         )
+
+
+class MissingAsyncDriverError(AlchemyScopeError, ValueError):
+    """A database URL names no async driver, or one that is not installed."""
+
+    def __init__(self, drivername: str, problem: str) -> None:
+        backend = drivername.partition("+")[0]
+        suggestion = _ASYNC_DRIVERS.get(backend, f"an async driver for {backend}")
+        super().__init__(
+            f"The database URL {drivername}://... {problem}. alchemy-scope uses SQLAlchemy's "
+            f"asyncio extension, which needs an async driver named in the URL: {suggestion}."
+            + _see("MissingAsyncDriverError")
+        )
+
+
+# The async drivers to suggest per backend, with what installs them.
+_ASYNC_DRIVERS = {
+    "postgresql": "postgresql+asyncpg://... (pip install asyncpg) or postgresql+psycopg://... "
+    "(pip install 'psycopg[binary]')",
+    "mysql": "mysql+asyncmy://... (pip install asyncmy) or mysql+aiomysql://... "
+    "(pip install aiomysql)",
+    "mariadb": "mariadb+asyncmy://... (pip install asyncmy) or mariadb+aiomysql://... "
+    "(pip install aiomysql)",
+    "sqlite": "sqlite+aiosqlite:///... (pip install aiosqlite)",
+}
+
+
+def _check_async_driver(url: str | URL) -> None:
+    """Raise ``MissingAsyncDriverError`` unless ``url`` names an async driver that imports.
+
+    ``create_async_engine("postgresql://...")`` fails with ``No module named 'psycopg'`` (or
+    "the loaded 'pysqlite' is not async") and no hint of what to write instead. An unknown
+    dialect is left to SQLAlchemy's own error.
+
+    Args:
+        url: The URL given to ``Database``.
+
+    Raises:
+        MissingAsyncDriverError: The URL's driver is synchronous or not installed.
+    """
+    url = make_url(url)
+    try:
+        dialect: Any = url.get_dialect(_is_async=True)
+    except sa_exc.NoSuchModuleError:
+        return
+    if not getattr(dialect, "is_async", False):
+        raise MissingAsyncDriverError(
+            url.drivername, f"uses {dialect.driver}, a synchronous driver"
+        )
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        module = error.name or dialect.driver
+        raise MissingAsyncDriverError(
+            url.drivername, f"uses the {dialect.driver} driver, but {module!r} is not installed"
+        ) from error
 
 
 # SQLSTATE classes that mean "not now" rather than "wrong": connection exception,
 # insufficient resources (too many connections), operator intervention (shutting down,
 # starting up).
 _UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+# SQLSTATEs too general to decide by (MySQL's HY000 covers "server gone away" and bad SQL).
+_GENERAL_SQLSTATES = ("HY000", "00000", "")
+# MySQL/MariaDB error codes that mean "not now": too many connections (1040), server shutting
+# down (1053), lock wait timeout (1205), cannot connect (2002, 2003), unknown host (2005),
+# server gone away (2006), lost connection (2013, 2055). Any other code is the request's,
+# the configuration's (access denied 1045, unknown database 1049) or the app's fault.
+_MYSQL_UNAVAILABLE = frozenset((1040, 1053, 1205, 2002, 2003, 2005, 2006, 2013, 2055))
+# The MySQL drivers whose exceptions carry the server's error code as their first argument.
+_MYSQL_DRIVERS = ("asyncmy", "aiomysql", "pymysql", "MySQLdb")
+# SQLite result codes that mean "busy": the database file is locked by another connection.
+_SQLITE_UNAVAILABLE = ("SQLITE_BUSY", "SQLITE_LOCKED")
+
+
+def _driver_says_unavailable(error: BaseException) -> bool | None:
+    """What a driver's own exception says: unavailable, not, or ``None`` (nothing known)."""
+    if isinstance(error, OSError):  # refused, reset, unreachable, timed out
+        return True
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate not in _GENERAL_SQLSTATES:
+        return sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+    sqlite_name = getattr(error, "sqlite_errorname", None)  # sqlite3, Python 3.11+
+    if isinstance(sqlite_name, str):
+        return sqlite_name.startswith(_SQLITE_UNAVAILABLE)
+    if type(error).__module__.startswith("sqlite3"):  # Python 3.10: only the message
+        return "locked" in str(error)
+    args = getattr(error, "args", ())
+    if args and type(args[0]) is int and type(error).__module__.startswith(_MYSQL_DRIVERS):
+        return args[0] in _MYSQL_UNAVAILABLE
+    return None
 
 
 def is_database_unavailable(error: BaseException) -> bool:
@@ -98,8 +196,10 @@ def is_database_unavailable(error: BaseException) -> bool:
 
     True when no pooled connection came free within the pool's timeout, when the server
     refuses, drops or resets the connection, is starting up or shutting down, or has no
-    connection slot left: cases where an app should answer 503 (try again later), unlike a
-    constraint violation or a bad query. Exception handlers use it to tell the two apart.
+    connection slot left: cases where an app should answer 503 (try again later). False for
+    a constraint violation, a bad query, and a configuration error that retrying cannot
+    fix: a wrong user or password ("access denied"), a database that does not exist. Those
+    deserve a 500 and a log line. Exception handlers use it to tell the two apart.
 
     Args:
         error: An exception raised while using the database.
@@ -110,12 +210,12 @@ def is_database_unavailable(error: BaseException) -> bool:
     if isinstance(error, sa_exc.TimeoutError):  # no pooled connection free in time
         return True
     if isinstance(error, sa_exc.DBAPIError):
-        if error.connection_invalidated or isinstance(
-            error, (sa_exc.OperationalError, sa_exc.InterfaceError)
-        ):
+        if error.connection_invalidated:
             return True
-        return error.orig is not None and is_database_unavailable(error.orig)
-    if isinstance(error, OSError):  # refused, reset, unreachable, timed out
-        return True
-    sqlstate = getattr(error, "sqlstate", None)  # drivers' own errors raised while connecting
-    return isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+        says = None if error.orig is None else _driver_says_unavailable(error.orig)
+        if says is not None:
+            return says
+        # A driver that says nothing more: its operational and interface errors are the
+        # connection's (this is how SQLAlchemy classifies them).
+        return isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError))
+    return bool(_driver_says_unavailable(error))  # drivers' own errors raised while connecting
