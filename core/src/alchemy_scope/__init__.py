@@ -16,6 +16,7 @@ from ._errors import (
     AlchemyScopeError,
     AlreadyInstalledError,
     ConcurrentSessionUseError,
+    MissingAsyncDriverError,
     NoScopeError,
     ScopeClosedError,
     SharedConnectionBusyError,
@@ -23,12 +24,15 @@ from ._errors import (
 )
 from ._middleware import ScopeMiddleware
 
+__version__ = "0.1.0"
+
 __all__ = [
     "AlchemyScopeError",
     "AlreadyInstalledError",
     "CommitPolicy",
     "ConcurrentSessionUseError",
     "Database",
+    "MissingAsyncDriverError",
     "NoScopeError",
     "Scope",
     "ScopeBlock",

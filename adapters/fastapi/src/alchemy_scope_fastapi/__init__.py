@@ -6,6 +6,8 @@ from alchemy_scope_starlette import lifespan_disposing
 
 from ._integration import NotInstalledError, SessionDep, install, session_dependency
 
+__version__ = "0.1.0"
+
 __all__ = [
     "NotInstalledError",
     "SessionDep",

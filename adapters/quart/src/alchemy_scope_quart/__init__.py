@@ -4,4 +4,6 @@ from __future__ import annotations
 
 from ._integration import AlchemyScope
 
+__version__ = "0.1.0"
+
 __all__ = ["AlchemyScope"]

@@ -4,4 +4,6 @@ from __future__ import annotations
 
 from ._integration import install, lifespan_disposing
 
+__version__ = "0.1.0"
+
 __all__ = ["install", "lifespan_disposing"]
