@@ -7,12 +7,14 @@ SQLite always; PostgreSQL and MariaDB when ALCHEMY_SCOPE_TEST_DATABASES lists th
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import fnmatch
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,10 +85,72 @@ def _pytest(session: nox.Session, package: str) -> None:
     session.run("pytest", *paths, "tests/test_packages.py", *session.posargs, env=env)
 
 
+# --- the closing summary of `nox -s tests`: what ran, what was skipped, how to enable it ----
+_TESTS_RAN: list[tuple[str, str]] = []  # (python, package) of each tests session started
+_SERVER_LEGS = {  # backend: the URL .ci/run uses (it starts both servers)
+    "postgresql": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+    "mysql": "mysql+asyncmy://root@127.0.0.1:3306/test",
+}
+
+
+def _interpreter_runs(version: str) -> bool:
+    try:
+        run = subprocess.run([f"python{version}", "-c", ""], check=False, capture_output=True)
+    except OSError:
+        return False
+    return run.returncode == 0
+
+
+def _enable_python(version: str) -> str:
+    """The one line that makes Python ``version`` visible to nox."""
+    try:
+        listed = subprocess.run(
+            ["pyenv", "versions", "--bare"], check=False, capture_output=True, text=True
+        ).stdout.split()
+    except OSError:
+        listed = []
+    newest = {p: [v for v in listed if v.startswith(f"{p}.")][-1:] for p in PYTHONS}
+    if newest[version]:  # installed in pyenv, not active: make every version visible at once
+        found = [v for versions in newest.values() for v in versions]
+        first = [v for v in found if v.startswith(sys.version.split()[0])]  # nox's own first
+        return "export PYENV_VERSION=" + ":".join(dict.fromkeys([*first, *found]))
+    return f"pyenv install {version}   # or put any python{version} on PATH"
+
+
+def _tests_summary() -> None:
+    """End a run of `nox -s tests` with what ran, what was skipped and how to enable it."""
+    if not _TESTS_RAN:
+        return
+    lines = ["", "nox -s tests: what ran"]
+    for python in PYTHONS:
+        packages = [package for ran, package in _TESTS_RAN if ran == python]
+        if packages:
+            lines.append(f"  ran      Python {python}: {', '.join(packages)}")
+        elif not _interpreter_runs(python):
+            lines.append(f"  SKIPPED  Python {python}: not found. Enable: {_enable_python(python)}")
+    listed = os.environ.get(DATABASES, "").split()
+    configured = {url.partition(":")[0].partition("+")[0] for url in listed}
+    lines.append("  ran      SQLite (always)")
+    for backend in _SERVER_LEGS:
+        state = "ran     " if backend in configured else "SKIPPED "
+        lines.append(
+            f"  {state} {backend}" + ("" if backend in configured else f": not in {DATABASES}")
+        )
+    if not set(_SERVER_LEGS) <= configured:
+        urls = " ".join(_SERVER_LEGS.values())
+        lines.append(f'  Enable the server legs (servers running): export {DATABASES}="{urls}"')
+    print("\n".join(lines), file=sys.stderr)
+
+
+DATABASES = "ALCHEMY_SCOPE_TEST_DATABASES"
+atexit.register(_tests_summary)
+
+
 @nox.session(python=PYTHONS)
 @nox.parametrize("package", list(PACKAGES))
 def tests(session: nox.Session, package: str) -> None:
     """The test suite of one package on one Python, on every database leg."""
+    _TESTS_RAN.append((str(session.python), package))
     _install(session, package)
     _pytest(session, package)
 
