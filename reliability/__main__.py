@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import httpx
+
+from tooling.report import revision, versions
 
 from .checks import CHECKS, Check, Result
 from .client import Tally
@@ -215,31 +215,6 @@ async def run_framework(
     return report
 
 
-def revision() -> str:
-    """The commit checked, and whether the code under test differed from it."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], capture_output=True, text=True, cwd=ROOT, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "an unknown commit"
-    changed = git("status", "--porcelain", "--", "core", "adapters", "examples")
-    return f"{commit} (with uncommitted changes to the code under test)" if changed else commit
-
-
-def versions() -> str:
-    """The versions this run used."""
-    found = []
-    for name in VERSIONS:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found.append(f"{name} {metadata.version(name)}")
-    return ", ".join(found)
-
-
 async def main(argv: list[str]) -> int:
     """Run everything; return the exit code."""
     parser = argparse.ArgumentParser(prog="python -m reliability", description=__doc__)
@@ -273,8 +248,11 @@ async def main(argv: list[str]) -> int:
     elapsed = time.perf_counter() - started
     command = "nox -s reliability" + (" -- --quick" if args.quick else "")
     text = [
-        f"Produced by `{command}` in {elapsed:.0f} s on {os.cpu_count()} CPUs at {revision()}, "
-        f"Python {platform.python_version()}, PostgreSQL {pg_version}; {versions()}.",
+        f"Produced by `{command}` in {elapsed:.0f} s on {os.cpu_count()} CPUs at "
+        f"{revision('core', 'adapters', 'examples')}, "
+        f"Python {platform.python_version()}, PostgreSQL {pg_version}; "
+        + ", ".join(f"{name} {version}" for name, version in versions(VERSIONS).items())
+        + ".",
         "",
         *summary_table(reports),
         "",

@@ -11,12 +11,13 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import asyncpg
+
+from tooling.servers import loopback_socket
 
 APP_ROLE = "reliability_app"
 # Trust for the admin and the local socket; the app's role must log in with its password.
@@ -25,13 +26,6 @@ local all all trust
 host all postgres 127.0.0.1/32 trust
 host all all 127.0.0.1/32 scram-sha-256
 """
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _postgres_bin() -> Path:
@@ -59,7 +53,8 @@ class PrivatePostgres:
 
     def __init__(self) -> None:
         self.bin = _postgres_bin()
-        self.port = free_port()
+        with loopback_socket() as probe:  # a port that nothing listens on right now
+            self.port = probe.getsockname()[1]
         self.password = "pw-" + secrets.token_hex(16)
         self.root = Path(tempfile.mkdtemp(prefix="alchemy-scope-reliability-"))
         self.data = self.root / "data"

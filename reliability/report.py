@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tooling.report import table
+
 from .checks import Result
 from .target import Rows
 
@@ -33,33 +35,25 @@ class FrameworkReport:
 
 def summary_table(reports: list[FrameworkReport]) -> list[str]:
     """One row per framework."""
-    lines = [
-        "| Framework | Server | Requests sent | Responses by status | Hung | Leaks found "
-        "| Rows expected / found | Checks passed |",
-        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: |",
-    ]
+    header = ["Framework", "Server", "Requests sent", "Responses by status", "Hung", "Leaks found"]
+    rows = []
     for report in reports:
-        rows = report.rows
-        todos = f"todos {rows.acked:,} / {rows.found:,}"
-        if rows.unknown:
-            todos += f" (+{rows.unknown_found} of {rows.unknown} unacknowledged writes landed)"
-        children = f"children {rows.children_expected} / {rows.children_found}"
+        counts = report.rows
+        todos = f"todos {counts.acked:,} / {counts.found:,}"
+        if counts.unknown:
+            todos += f" (+{counts.unknown_found} of {counts.unknown} unacknowledged writes landed)"
+        children = f"children {counts.children_expected} / {counts.children_found}"
         passed = sum(result.passed for result in report.results)
-        lines.append(
-            f"| {report.framework} | {report.server} | {report.sent:,} | {report.statuses} "
-            f"| {report.hung} | {report.leaks_found} | {todos}; {children} "
-            f"| {passed}/{len(report.results)} |"
-        )
-    return lines
+        rows.append([report.framework, report.server, f"{report.sent:,}", report.statuses,
+                     report.hung, report.leaks_found, f"{todos}; {children}",
+                     f"{passed}/{len(report.results)}"])  # fmt: skip
+    return table([*header, "Rows expected / found", "Checks passed"], rows, numeric=1)
 
 
 def checks_table(reports: list[FrameworkReport]) -> list[str]:
     """Every check by framework: pass, FAIL, or FAIL (known) with a footnote."""
     names = list(dict.fromkeys(result.name for report in reports for result in report.results))
-    lines = [
-        "| Check | " + " | ".join(report.framework for report in reports) + " |",
-        "| --- |" + " --- |" * len(reports),
-    ]
+    rows = []
     for name in names:
         cells = []
         for report in reports:
@@ -72,8 +66,8 @@ def checks_table(reports: list[FrameworkReport]) -> list[str]:
                 cells.append(
                     "FAIL (known)" if name in KNOWN else f"**FAIL** ({result.failures.count})"
                 )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+        rows.append([name, *cells])
+    return table(["Check", *(report.framework for report in reports)], rows)
 
 
 def details(reports: list[FrameworkReport]) -> list[str]:

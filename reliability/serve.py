@@ -3,8 +3,8 @@
 ``python -m reliability.serve <framework>`` imports ``examples/<framework>/app.py`` the way
 ``uvicorn app:app`` would, with ``DATABASE_URL`` and the ``DATABASE_POOL_*`` settings from the
 environment, mounts the harness routes (:mod:`reliability.routes`) and wraps the app in
-:class:`Harness`. It prints ``LISTENING <port>`` once it accepts connections, logs to stderr,
-and stops on SIGTERM or SIGINT, running the app's shutdown (which disposes the engine).
+:class:`Harness`; :func:`tooling.servers.serve_until_signalled` serves it (it prints
+``LISTENING <port>``, stops on SIGTERM, and the app's shutdown disposes the engine).
 """
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ import importlib
 import json
 import logging
 import os
-import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
-
 from alchemy_scope import Database
+from tooling.servers import serve_until_signalled
 
 from .routes import create_tables, mount
 
@@ -35,6 +30,10 @@ EXAMPLES = Path(
 )
 LEAKS_PATH = "/__leaks"
 CANCEL_HEADER = b"x-reliability-cancel-after"
+SERVER_OPTIONS: dict[str, dict[str, Any]] = {  # the servers' logs are checked for secrets
+    "uvicorn": {"log_level": "info", "access_log": False, "backlog": 2048, "ws": "auto"},
+    "hypercorn": {"loglevel": "INFO", "graceful_timeout": 3, "backlog": 2048},
+}
 
 logger = logging.getLogger("reliability.serve")
 
@@ -133,53 +132,6 @@ async def _send_json(send: Any, status: int, body: Any) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-def _listening_socket() -> socket.socket:
-    # IPPROTO_TCP, as `uvicorn app:app` gets from getaddrinfo: asyncio sets TCP_NODELAY only on
-    # such sockets, and without it small responses wait ~40 ms for a delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(2048)
-    return sock
-
-
-def _announce(sock: socket.socket) -> None:
-    print(f"LISTENING {sock.getsockname()[1]}", flush=True)
-
-
-async def serve_uvicorn(app: Any, sock: socket.socket) -> None:
-    """Serve with uvicorn until SIGTERM or SIGINT."""
-    config = uvicorn.Config(app, lifespan="on", log_level="info", access_log=False, backlog=2048)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("uvicorn stopped before it started")
-        await asyncio.sleep(0.01)
-    _announce(sock)
-    await task
-
-
-async def serve_hypercorn(app: Any, sock: socket.socket) -> None:
-    """Serve with hypercorn until SIGTERM or SIGINT."""
-    config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
-    config.loglevel = "INFO"
-    config.graceful_timeout = 3
-    config.backlog = 2048
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    async def shutdown_trigger() -> None:
-        _announce(sock)
-        await stop.wait()
-
-    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
-
-
 async def main(framework: str) -> None:
     """Load, wrap and serve the example."""
     logging.basicConfig(
@@ -193,11 +145,8 @@ async def main(framework: str) -> None:
     app, mounted = mount(module.app, db)
     logger.info("Serving examples/%s with %s; harness routes: %s", framework, db, mounted)
     logger.info("Engine %r, pool %s", db.engine, db.engine.pool.status())
-    sock = _listening_socket()
-    if server_for(framework) == "hypercorn":
-        await serve_hypercorn(Harness(app, db), sock)
-    else:
-        await serve_uvicorn(Harness(app, db), sock)
+    server = server_for(framework)
+    await serve_until_signalled(Harness(app, db), server, **SERVER_OPTIONS[server])
 
 
 if __name__ == "__main__":

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
+
+from tooling.servers import ServerProcess
 
 from .client import Ledger, Tally
 from .postgres import PrivatePostgres
@@ -80,7 +80,7 @@ class Target:
     rows: Rows = field(default_factory=Rows)
     leaks_found: int = 0
     base_url: str = ""
-    process: asyncio.subprocess.Process | None = None
+    process: ServerProcess | None = None
     _log: IO[str] | None = None
 
     @property
@@ -103,32 +103,15 @@ class Target:
         """Start ``python -m reliability.serve <framework>`` and wait until it listens."""
         await self.postgres.create_database(self.database)
         self._log = self.log_path.open("w")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "reliability.serve",
-            self.framework,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=self.environment(),
-            cwd=ROOT,
-        )
-        assert self.process.stdout is not None
-        line = (await asyncio.wait_for(self.process.stdout.readline(), 60)).decode()
-        if not line.startswith("LISTENING "):
-            raise RuntimeError(f"examples/{self.framework} did not start; see {self.log_path}")
-        self.base_url = f"http://127.0.0.1:{int(line.split()[1])}"
+        env = self.environment()
+        self.process = ServerProcess("reliability.serve", self.framework, env=env, log=self._log)
+        self.base_url = await asyncio.to_thread(self.process.wait_until_listening)
 
     async def stop(self) -> int | None:
         """Stop the server (SIGTERM: it runs the app's shutdown); return its exit code."""
         if self.process is None:
             return None
-        self.process.terminate()
-        try:
-            code = await asyncio.wait_for(self.process.wait(), 30)
-        except TimeoutError:
-            self.process.kill()
-            code = await self.process.wait()
+        code = await asyncio.to_thread(self.process.stop)
         if self._log is not None:
             self._log.close()
         return code
