@@ -16,7 +16,7 @@ from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from alchemy_scope import Database
 
@@ -83,7 +83,15 @@ def backend(db: Database | AsyncEngine) -> str:
 
 def registry(db: Database) -> dict[object, object]:
     """The session registry of ``db``: scope -> session."""
-    return db.scoped_session.registry.registry  # type: ignore[no-any-return,attr-defined]
+    entries: dict[object, object] = db.scoped_session.registry.registry
+    return entries
+
+
+def idle_connections(db: Database) -> int:
+    """How many connections the pool of ``db`` holds checked in (idle)."""
+    pool = db.engine.pool
+    assert isinstance(pool, QueuePool), f"{pool!r} keeps no connections"
+    return pool.checkedin()
 
 
 async def leaks(db: Database) -> list[str]:
@@ -180,7 +188,7 @@ def add_write_that_fails_at_commit(session: AsyncSession) -> None:
     """
     session.add(Item(name="never committed"))
     session.add(Pet(owner_id=999_999))
-    if session.bind.dialect.name == "mysql":
+    if session.get_bind().dialect.name == "mysql":
 
         def refuse(_session: object) -> None:
             raise IntegrityError("COMMIT", {}, Exception("constraint violated at COMMIT"))
@@ -191,8 +199,8 @@ def add_write_that_fails_at_commit(session: AsyncSession) -> None:
 def readme_code(path: str, index: int = 0) -> str:
     """The ``index``-th Python code block of a README of this repository."""
     text_ = (Path(__file__).parent.parent / path).read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text_, flags=re.DOTALL)
-    return blocks[index]  # type: ignore[no-any-return]
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", text_, flags=re.DOTALL)
+    return blocks[index]
 
 
 def run_readme_app(path: str, index: int = 0) -> dict[str, Any]:

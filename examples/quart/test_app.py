@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from app import Todo
 from quart.typing import TestClientProtocol as QuartTestClient  # pytest would collect Test*
 from sqlalchemy import select
@@ -17,9 +18,12 @@ async def test_a_created_todo_is_listed(client: QuartTestClient) -> None:
     assert [todo["title"] for todo in listed] == ["buy milk"]
 
 
-async def test_each_test_starts_from_an_empty_table(client: QuartTestClient) -> None:
-    """What the previous test committed through the app was rolled back."""
-    assert await (await client.get("/todos")).get_json() == []
+@pytest.mark.parametrize("title", ["written first", "written second"])
+async def test_each_test_sees_only_its_own_writes(client: QuartTestClient, title: str) -> None:
+    """Run in either order, the second test proves the first one's committed todo is gone."""
+    assert (await client.post("/todos", json={"title": title})).status_code == 201
+    listed = await (await client.get("/todos")).get_json()
+    assert [todo["title"] for todo in listed] == [title]
 
 
 async def test_a_duplicate_title_is_a_conflict(client: QuartTestClient) -> None:

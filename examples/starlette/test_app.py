@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from app import Todo
 from sqlalchemy import select
 
@@ -16,9 +17,11 @@ async def test_a_created_todo_is_listed(client: httpx.AsyncClient) -> None:
     assert [todo["title"] for todo in (await client.get("/todos")).json()] == ["buy milk"]
 
 
-async def test_each_test_starts_from_an_empty_table(client: httpx.AsyncClient) -> None:
-    """What the previous test committed through the app was rolled back."""
-    assert (await client.get("/todos")).json() == []
+@pytest.mark.parametrize("title", ["written first", "written second"])
+async def test_each_test_sees_only_its_own_writes(client: httpx.AsyncClient, title: str) -> None:
+    """Run in either order, the second test proves the first one's committed todo is gone."""
+    assert (await client.post("/todos", json={"title": title})).status_code == 201
+    assert [todo["title"] for todo in (await client.get("/todos")).json()] == [title]
 
 
 async def test_a_duplicate_title_is_a_conflict(client: httpx.AsyncClient) -> None:

@@ -11,6 +11,11 @@ Routes every app serves (``db`` is the Database given to the factory):
 - ``POST /items/{name}?commit=0|1&status=201``: add an item named ``name``, flush, commit if
   asked, answer ``status`` with JSON ``{"session": id(db.session)}``.
 - ``POST /items/{name}/fail``: add and flush an item, then raise ``RuntimeError``.
+- ``POST /items/{name}/refused?status=404``: add and flush an item, then raise the framework's
+  own HTTP error (``HTTPException``, ``abort``) with that status.
+- ``POST /items/{name}/answered``: add and flush an item, then raise :class:`AnsweredError`,
+  which an exception handler of the app (registered after the adapter) answers with a 200
+  whose body is ``answered``.
 - ``GET /identity``: read ``db.session`` in two helper functions, sleep 50 ms, read it again;
   answer ``{"same": <all reads gave one object>, "session": id(db.session)}``.
 - ``GET /stream?n=3&delay=0``: a streamed body of ``n`` lines ``"<id(db.session)> <items>\\n"``,
@@ -23,29 +28,37 @@ Routes every app serves (``db`` is the Database given to the factory):
   ``str(id(db.session))``.
 - websocket ``/ws-fail``: receive a text message, add and flush an item of that name, reply
   ``flushed``, then raise ``RuntimeError``.
+
+Frameworks that validate requests (:class:`ValidationScenarios`) also serve ``POST /validated``:
+a dependency adds an item ``attempt`` and flushes, then the framework validates the JSON body
+``{"name": str, "copies": int}``; the handler answers 201 ``{"copies": copies}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import re
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, ClassVar
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from sqlalchemy import event
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from alchemy_scope import Database
+from alchemy_scope import AlreadyInstalledError, Database
 
 from ..conftest import MakeDatabase
 from ..fault_matrix import in_process, run_matrix
 from ..servers import uvicorn_server
-from ..support import THOROUGH, assert_no_leaks, count_items, item_names, registry
+from ..support import THOROUGH, assert_no_leaks, count_items, idle_connections, item_names, registry
 
-MakeApp = Callable[[Database], Any]
+
+class AnsweredError(Exception):
+    """Raised by ``POST /items/{name}/answered``; the app's exception handler answers 200."""
 
 
 @asynccontextmanager
@@ -55,6 +68,17 @@ async def asgi_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
+
+
+@asynccontextmanager
+async def lifespanless_client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client that calls ``app`` in-process without running its lifespan.
+
+    App exceptions reach the caller.
+    """
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
 
 
 def _copying_lifespan_state(app: Any) -> Any:
@@ -74,18 +98,33 @@ def _copying_lifespan_state(app: Any) -> Any:
 
 
 class AdapterScenarios:
-    """Scenarios shared by every adapter; subclasses set ``make_app`` and the flags below."""
+    """Scenarios shared by every adapter; subclasses set the factories and flags below."""
 
-    make_app: ClassVar[MakeApp]
     # Where the framework runs background tasks: True if inside the request's scope (before
     # the request ends), False if after it, in a scope of their own.
     background_in_request_scope: ClassVar[bool] = True
-    serve: ClassVar[Callable[[Any], AbstractAsyncContextManager[str]]] = staticmethod(
-        uvicorn_server
-    )
+    # What the error of a second install shows the user to call instead.
+    install_advice: ClassVar[str]
+    # Scenarios this adapter is known to fail, with the reason: strict xfails (conftest.py).
+    known_defects: ClassVar[dict[str, str]] = {}
+
+    @staticmethod
+    def make_app(db: Database) -> Any:
+        """The app serving the routes above on ``db``, the adapter installed as its README shows."""
+        raise NotImplementedError
+
+    @staticmethod
+    def install_twice(db: Database) -> None:
+        """Build an app on ``db`` in which the adapter is installed a second time."""
+        raise NotImplementedError
+
+    @staticmethod
+    def serve(app: Any) -> AbstractAsyncContextManager[str]:
+        """Serve ``app`` with a real server; the framework's usual one."""
+        return uvicorn_server(app)
 
     def app(self, db: Database) -> Any:
-        return type(self).make_app(db)
+        return self.make_app(db)
 
     async def test_a_route_that_never_touches_the_database_checks_out_nothing(
         self, db: Database
@@ -96,7 +135,7 @@ class AdapterScenarios:
             assert response.status_code == 200
             assert response.text == "pong"
             assert registry(db) == {}
-            assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+            assert idle_connections(db) == 0
 
     async def test_every_helper_of_a_request_gets_the_same_session(self, db: Database) -> None:
         """All code that runs for one request, across awaits, sees one session."""
@@ -122,11 +161,14 @@ class AdapterScenarios:
     async def test_autocommit_commits_a_2xx_and_rolls_back_4xx_and_5xx(
         self, autocommit_db: Database
     ) -> None:
-        """Autocommit policy: a 2xx commits, a 4xx or 5xx response rolls back."""
+        """Autocommit: a 2xx commits; a 4xx or 5xx, returned or raised (HTTP error), rolls back."""
         async with asgi_client(self.app(autocommit_db)) as client:
             for name, status in (("ok", 201), ("bad", 400), ("missing", 404), ("error", 503)):
                 response = await client.post(f"/items/{name}?status={status}")
                 assert response.status_code == status
+            for name, status in (("not found", 404), ("conflict", 409)):
+                response = await client.post(f"/items/{name}/refused?status={status}")
+                assert response.status_code == status  # the framework's own HTTP error
         assert await item_names(autocommit_db) == ["ok"]
 
     async def test_an_exception_gives_a_500_and_rolls_back(self, make_db: MakeDatabase) -> None:
@@ -136,6 +178,21 @@ class AdapterScenarios:
                 response = await client.post("/items/doomed/fail")
             assert response.status_code == 500
             assert await count_items(db) == 0
+
+    async def test_an_exception_the_framework_answers_commits_nothing(
+        self, autocommit_db: Database
+    ) -> None:
+        """Autocommit: a handler that raised commits nothing, even when a handler answers 200."""
+        async with asgi_client(self.app(autocommit_db)) as client:
+            response = await client.post("/items/forgiven/answered")
+            assert (response.status_code, response.text) == (200, "answered")
+            assert (await client.post("/items/kept")).status_code == 201
+        assert await item_names(autocommit_db) == ["kept"]
+
+    def test_installing_twice_raises_already_installed(self, db: Database) -> None:
+        """A second install in one app raises AlreadyInstalledError showing the call to use."""
+        with pytest.raises(AlreadyInstalledError, match=re.escape(self.install_advice)):
+            self.install_twice(db)
 
     async def test_a_commit_that_fails_becomes_a_500(self, autocommit_db: Database) -> None:
         """Autocommit: a COMMIT that fails gives the client a 500 and persists nothing."""
@@ -251,5 +308,30 @@ class AdapterScenarios:
         """When the app shuts down, the database's pooled connections are closed."""
         async with asgi_client(self.app(db)) as client:
             await client.post("/items/pooled?commit=1")
-            assert db.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
-        assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+            assert idle_connections(db) == 1
+        assert idle_connections(db) == 0
+
+
+class ValidationScenarios(AdapterScenarios):
+    """The scenarios, plus ``POST /validated`` for frameworks that validate requests."""
+
+    invalid_status: ClassVar[int]  # what the framework answers a body that fails validation
+
+    async def test_a_validation_error_writes_nothing(self, autocommit_db: Database) -> None:
+        """A body that fails validation is refused; what a dependency wrote first is rolled back."""
+        inserts: list[str] = []
+
+        def note_insert(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            if statement.startswith("INSERT"):
+                inserts.append(statement)
+
+        event.listen(autocommit_db.engine.sync_engine, "before_cursor_execute", note_insert)
+        async with asgi_client(self.app(autocommit_db)) as client:
+            refused = await client.post("/validated", json={"name": "x", "copies": "many"})
+            assert refused.status_code == self.invalid_status
+            assert len(inserts) == 1  # the dependency did write, before the validation
+            assert await item_names(autocommit_db) == []
+            # The same dependency's write is committed when the body is valid.
+            accepted = await client.post("/validated", json={"name": "x", "copies": 2})
+            assert (accepted.status_code, accepted.json()) == (201, {"copies": 2})
+        assert await item_names(autocommit_db) == ["attempt"]

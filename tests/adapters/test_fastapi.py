@@ -9,17 +9,18 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import fastapi
-import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
 from starlette.middleware.base import DispatchFunction
+from starlette.requests import Request
 from starlette.websockets import WebSocketDisconnect
 
-from alchemy_scope import AlreadyInstalledError, Database
+from alchemy_scope import Database
 from alchemy_scope_fastapi import NotInstalledError, SessionDep, install, session_dependency
 
 from ..conftest import MakeDatabase
@@ -30,14 +31,31 @@ from ..support import (
     item_names,
     readme_code,
 )
-from .scenarios import AdapterScenarios, asgi_client
+from .scenarios import AnsweredError, ValidationScenarios, asgi_client, lifespanless_client
 from .test_starlette import MiddlewareOrderScenarios
 
 
+class NewItem(BaseModel):
+    name: str
+    copies: int
+
+
 def make_fastapi_app(db: Database) -> FastAPI:
-    """The scenario routes as a FastAPI app, installed as the README shows."""
+    """The scenario routes as a FastAPI app, installed as the README shows.
+
+    The handler of AnsweredError is sync (FastAPI runs it in a thread); Starlette's is async.
+    """
     app = FastAPI()
     install(app, db)
+
+    def answer(_request: Request, _exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("answered")
+
+    app.add_exception_handler(AnsweredError, answer)
+
+    async def attempt() -> None:
+        db.session.add(Item(name="attempt"))
+        await db.session.flush()
 
     def helper_a() -> AsyncSession:
         return db.session
@@ -64,6 +82,22 @@ def make_fastapi_app(db: Database) -> FastAPI:
         db.session.add(Item(name=name))
         await db.session.flush()
         raise RuntimeError("handler failed")
+
+    @app.post("/items/{name}/refused")
+    async def refused(name: str, status: int) -> None:
+        db.session.add(Item(name=name))
+        await db.session.flush()
+        raise HTTPException(status_code=status)
+
+    @app.post("/items/{name}/answered")
+    async def answered(name: str) -> None:
+        db.session.add(Item(name=name))
+        await db.session.flush()
+        raise AnsweredError
+
+    @app.post("/validated", status_code=201, dependencies=[Depends(attempt)])
+    async def validated(new: NewItem) -> dict[str, int]:
+        return {"copies": new.copies}
 
     @app.get("/identity")
     async def identity(session: SessionDep) -> dict[str, object]:
@@ -120,9 +154,15 @@ def make_fastapi_app(db: Database) -> FastAPI:
     return app
 
 
-class TestFastAPI(AdapterScenarios):
+class TestFastAPI(ValidationScenarios):
     make_app = staticmethod(make_fastapi_app)
     background_in_request_scope = True
+    install_advice = "install(app, db, other_db)"
+    invalid_status = 422
+
+    @staticmethod
+    def install_twice(db: Database) -> None:
+        install(make_fastapi_app(db), db)
 
 
 class TestFastAPIMiddlewareOrder(MiddlewareOrderScenarios):
@@ -134,13 +174,6 @@ class TestFastAPIMiddlewareOrder(MiddlewareOrderScenarios):
         """FastAPI's ``@app.middleware("http")`` decorator."""
         assert isinstance(app, FastAPI)
         app.middleware("http")(dispatch)
-
-
-def test_install_twice_raises_a_clear_error(db: Database) -> None:
-    """A second install() on one FastAPI app raises AlreadyInstalledError: pass every db once."""
-    app = make_fastapi_app(db)
-    with pytest.raises(AlreadyInstalledError, match=r"install\(app, db, other_db\)"):
-        install(app, db)
 
 
 async def test_session_dependency_gives_each_database_its_own_session(
@@ -174,8 +207,7 @@ async def test_session_dep_without_install_says_to_call_install() -> None:
     async def uses_session(session: SessionDep) -> None:
         raise AssertionError("unreachable: the dependency fails first")
 
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with lifespanless_client(app) as client:
         with pytest.raises(NotInstalledError, match=r"install\(app, db\)"):
             await client.get("/uses-session")
 
@@ -405,44 +437,6 @@ async def test_a_transaction_the_route_began_and_never_ended_is_rolled_back_and_
     assert "rolled back" in warnings[0].getMessage()
 
 
-async def test_an_http_exception_rolls_back_with_autocommit(autocommit_db: Database) -> None:
-    """An HTTPException's 4xx response rolls back what the route wrote, under autocommit."""
-    app = FastAPI()
-    install(app, autocommit_db)
-
-    @app.post("/conflict/{name}")
-    async def conflict(name: str, session: SessionDep) -> None:
-        session.add(Item(name=name))
-        await session.flush()
-        raise HTTPException(status_code=409, detail="already there")
-
-    async with asgi_client(app) as client:
-        response = await client.post("/conflict/clash")
-    assert response.status_code == 409
-    assert response.json() == {"detail": "already there"}
-    assert await item_names(autocommit_db) == []
-
-
-async def test_a_validation_error_writes_nothing(autocommit_db: Database) -> None:
-    """A 422 rolls back what dependencies added before FastAPI validated the request."""
-    app = FastAPI()
-    install(app, autocommit_db)
-
-    def log_attempt() -> None:
-        autocommit_db.session.add(Item(name="attempt"))
-
-    @app.post("/count", dependencies=[Depends(log_attempt)])
-    async def count(number: int) -> dict[str, int]:
-        return {"number": number}
-
-    async with asgi_client(app) as client:
-        assert (await client.post("/count?number=many")).status_code == 422
-        assert await item_names(autocommit_db) == []
-        # The same dependency's write is committed when the request is valid.
-        assert (await client.post("/count?number=7")).json() == {"number": 7}
-    assert await item_names(autocommit_db) == ["attempt"]
-
-
 async def test_a_mounted_sub_app_uses_session_dependency(db: Database) -> None:
     """In a mounted sub-app, session_dependency(db) gives the session; SessionDep raises."""
     sub_app = FastAPI()  # it has a state of its own, without the installed databases
@@ -460,8 +454,7 @@ async def test_a_mounted_sub_app_uses_session_dependency(db: Database) -> None:
     app = FastAPI()
     install(app, db)
     app.mount("/sub", sub_app)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with lifespanless_client(app) as client:
         assert (await client.get("/sub/explicit")).json() == {"same": True}
         with pytest.raises(NotInstalledError):
             await client.get("/sub/implicit")

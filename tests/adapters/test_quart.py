@@ -7,16 +7,17 @@ from collections.abc import AsyncIterator
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from quart import Quart, Response, abort, redirect, request, websocket
 from quart.signals import got_background_exception
-from sqlalchemy import func, select
+from sqlalchemy import func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from werkzeug.exceptions import InternalServerError
+from werkzeug.wrappers import Response as WerkzeugResponse
 
-from alchemy_scope import AlreadyInstalledError, Database, ScopeClosedError
+from alchemy_scope import Database, ScopeClosedError
 from alchemy_scope_quart import AlchemyScope
 
 from ..conftest import MakeDatabase
@@ -25,11 +26,12 @@ from ..servers import hypercorn_server
 from ..support import (
     add_write_that_fails_at_commit,
     assert_no_leaks,
+    idle_connections,
     item_names,
     registry,
     run_readme_app,
 )
-from .scenarios import AdapterScenarios, asgi_client
+from .scenarios import AdapterScenarios, AnsweredError, asgi_client
 
 
 def make_quart_app(
@@ -78,6 +80,22 @@ def make_quart_app(
         db.session.add(Item(name=name))
         await db.session.flush()
         raise RuntimeError("handler failed")
+
+    @app.post("/items/<name>/refused")
+    async def refused(name: str) -> str:
+        db.session.add(Item(name=name))
+        await db.session.flush()
+        abort(int(request.args["status"]))
+
+    @app.post("/items/<name>/answered")
+    async def answered(name: str) -> str:
+        db.session.add(Item(name=name))
+        await db.session.flush()
+        raise AnsweredError
+
+    @app.errorhandler(AnsweredError)
+    async def answer(_error: AnsweredError) -> tuple[str, int]:
+        return "answered", 200
 
     @app.get("/identity")
     async def identity() -> dict[str, Any]:
@@ -135,20 +153,35 @@ def make_quart_app(
     return app
 
 
-class TestQuart(AdapterScenarios):
+class QuartScenarios(AdapterScenarios):
+    """What Quart's two modes share."""
+
+    background_in_request_scope = False
+    serve = staticmethod(hypercorn_server)
+    install_advice = "AlchemyScope(app, db, other_db)"
+    known_defects: ClassVar[dict[str, str]] = {
+        "test_an_exception_the_framework_answers_commits_nothing": (
+            "Quart answers an exception that has an errorhandler without sending "
+            "got_request_exception, so the extension never fails the scope and autocommit "
+            "commits the write (adapters/quart: reported)"
+        ),
+    }
+
+    @staticmethod
+    def install_twice(db: Database) -> None:
+        AlchemyScope(make_quart_app(db), db)
+
+
+class TestQuart(QuartScenarios):
     """Production mode: Quart turns an exception into its 500 before the middleware sees it."""
 
     make_app = staticmethod(make_quart_app)
-    background_in_request_scope = False
-    serve = staticmethod(hypercorn_server)
 
 
-class TestQuartTesting(AdapterScenarios):
+class TestQuartTesting(QuartScenarios):
     """Testing mode: by Quart version, an exception reaches the middleware or becomes a 500."""
 
     make_app = staticmethod(partial(make_quart_app, testing=True))
-    background_in_request_scope = False
-    serve = staticmethod(hypercorn_server)
 
 
 # Which setting lets a view's exception out of app.asgi_app (instead of Quart's traceback 500)
@@ -173,22 +206,6 @@ async def test_an_exception_that_leaves_quart_rolls_back(autocommit_db: Database
     assert await item_names(autocommit_db) == []
 
 
-async def test_abort_after_a_write_rolls_back_with_autocommit(autocommit_db: Database) -> None:
-    """abort(404) after a flushed write: the 404 reaches the client and nothing is committed."""
-    app = make_quart_app(autocommit_db)
-
-    @app.post("/items/<name>/abort")
-    async def add_then_abort(name: str) -> str:
-        autocommit_db.session.add(Item(name=name))
-        await autocommit_db.session.flush()
-        abort(404)
-
-    async with asgi_client(app) as client:
-        assert (await client.post("/items/gone/abort")).status_code == 404
-        assert (await client.post("/items/kept")).status_code == 201
-    assert await item_names(autocommit_db) == ["kept"]
-
-
 async def test_test_app_runs_after_serving_which_disposes_after_background_tasks(
     db: Database,
 ) -> None:
@@ -209,8 +226,8 @@ async def test_test_app_runs_after_serving_which_disposes_after_background_tasks
         client = test_app.test_client()
         assert (await client.post("/items/early?commit=1")).status_code == 201
         assert (await client.post("/slow-background")).status_code == 202
-        assert db.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
-    assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+        assert idle_connections(db) == 1
+    assert idle_connections(db) == 0
     assert await item_names(db) == ["early", "late"]
 
 
@@ -225,17 +242,10 @@ async def test_init_app_installs_one_extension_in_several_apps(make_db: MakeData
         async with asgi_client(second) as second_client:
             assert (await second_client.post("/items/second?commit=1")).status_code == 201
             assert (await second_client.post("/background/job")).status_code == 202
-        assert second_db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
-        assert first_db.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
-    assert first_db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+        assert idle_connections(second_db) == 0
+        assert idle_connections(first_db) == 1
+    assert idle_connections(first_db) == 0
     assert await item_names(first_db) == ["first", "second", "job-own"]
-
-
-def test_installing_twice_in_one_app_is_refused(db: Database) -> None:
-    """A second AlchemyScope in one app raises and says to pass every Database to one."""
-    app = make_quart_app(db)
-    with pytest.raises(AlreadyInstalledError, match=r"AlchemyScope\(app, db, other_db\)"):
-        AlchemyScope(app, db)
 
 
 async def test_an_error_handler_that_hides_the_500_still_rolls_back(
@@ -245,7 +255,7 @@ async def test_an_error_handler_that_hides_the_500_still_rolls_back(
     app = make_quart_app(autocommit_db)
 
     @app.errorhandler(InternalServerError)
-    async def to_apology(_error: InternalServerError) -> Response:
+    async def to_apology(_error: InternalServerError) -> WerkzeugResponse:
         return redirect("/ping")
 
     async with asgi_client(app) as client:
@@ -260,8 +270,8 @@ async def test_serialize_lets_tasks_of_a_request_take_turns(db: Database) -> Non
         app = make_quart_app(db, serialize=serialize)
 
         @app.get("/gather")
-        async def gather() -> dict[str, list[int]]:
-            results = await asyncio.gather(*(db.session.scalar(select(n)) for n in (1, 2)))
+        async def gather() -> dict[str, list[int | None]]:
+            results = await asyncio.gather(*(db.session.scalar(select(literal(n))) for n in (1, 2)))
             return {"results": list(results)}
 
         async with asgi_client(app) as client:
@@ -271,8 +281,9 @@ async def test_serialize_lets_tasks_of_a_request_take_turns(db: Database) -> Non
 
 def test_a_database_in_place_of_the_app_is_refused(db: Database) -> None:
     """AlchemyScope(db) raises a TypeError that shows the app-first call."""
+    misplaced: Any = db  # a Database where the app belongs: the misuse tested
     with pytest.raises(TypeError, match=r"AlchemyScope\(app, db\)"):
-        AlchemyScope(db)  # type: ignore[arg-type]
+        AlchemyScope(misplaced)
 
 
 async def test_plain_add_background_task_fails_loudly_and_leaks_nothing(db: Database) -> None:
