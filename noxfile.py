@@ -174,13 +174,22 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.13")
 def typecheck(session: nox.Session) -> None:
-    """Mypy --strict over every distribution, installed together in one environment."""
+    """Mypy --strict over every distribution, the tests and the examples, in one environment.
+
+    Every framework is installed, so the tests of each adapter are checked against it. Each
+    example runs from its own directory (its tests import its ``app`` module).
+    """
     directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
     session.install(
         *(arg for d in directories for arg in ("-e", d)),
         *nox.project.dependency_groups(PYPROJECT, "typecheck"),
     )
-    session.run("mypy", *(f"{d}/src" for d in directories))
+    cache = ["--cache-dir", str(ROOT / ".mypy_cache")]
+    session.run("mypy", *cache, *(f"{d}/src" for d in directories), "tests")
+    config = ["--config-file", str(ROOT / "pyproject.toml")]
+    for example in sorted(ROOT.glob("examples/*/app.py")):
+        with session.chdir(example.parent):
+            session.run("mypy", *cache, *config, ".")
 
 
 @nox.session

@@ -31,9 +31,10 @@ class Pet(Base):
 
     __tablename__ = "alchemy_scope_pets"
     __table_args__ = (
+        # SQLAlchemy documents a tuple of dialect names for ddl_if(); its annotation says one str.
         ForeignKeyConstraint(
             ["owner_id"], [Owner.id], deferrable=True, initially="DEFERRED"
-        ).ddl_if(dialect=("postgresql", "sqlite")),
+        ).ddl_if(dialect=("postgresql", "sqlite")),  # type: ignore[arg-type]
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -15,7 +15,7 @@ import json
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import ModuleType
@@ -173,9 +173,11 @@ class TodoContract:
     """The contract of issue #4, as tests. Subclasses set ``example`` (and ``serve``)."""
 
     example: ClassVar[str]
-    serve: ClassVar[Callable[[Any], AbstractAsyncContextManager[str]]] = staticmethod(
-        uvicorn_server
-    )
+
+    @staticmethod
+    def serve(app: Any) -> AbstractAsyncContextManager[str]:
+        """Serve ``app`` with a real server; the example's usual one."""
+        return uvicorn_server(app)
 
     @pytest.fixture
     async def todo_app(
