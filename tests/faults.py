@@ -222,7 +222,7 @@ class FaultInjector:
 
 
 def _is_private_ending_task(task: asyncio.Task[Any]) -> bool:
-    return getattr(task.get_coro(), "__qualname__", "") == "Scope._finish"
+    return getattr(task.get_coro(), "__qualname__", "") == "_end_sessions"
 
 
 async def _kill(url: URL, driver_connection: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -43,3 +44,22 @@ def test_only_the_tested_adapter_is_installed() -> None:
         expected = {"alchemy_scope_starlette", "alchemy_scope_fastapi"}
     installed = {name for name in ADAPTERS.values() if importlib.util.find_spec(name)}
     assert installed == expected
+
+
+HINTS = {  # FastAPI's scopes come from the Starlette integration, and so does its hint
+    "starlette": "install(app, db)",
+    "litestar": "AlchemyScopePlugin",
+    "quart": "AlchemyScope(app, db)",
+}
+
+
+def test_the_installed_adapter_tells_how_it_opens_scopes() -> None:
+    """NoScopeError's message carries the imported integration's hint, and core names none."""
+    assert PACKAGE is not None
+    if PACKAGE != "core":
+        importlib.import_module(ADAPTERS[PACKAGE])
+    from alchemy_scope import NoScopeError
+
+    message = str(NoScopeError())
+    for name, hint in HINTS.items():
+        assert (hint in message) == (name in ALLOWED[PACKAGE]), (name, message)

@@ -23,6 +23,7 @@ from alchemy_scope import (
     NoScopeError,
     ScopeClosedError,
     SharedConnectionBusyError,
+    UnwatchedDatabaseError,
     is_database_unavailable,
 )
 from alchemy_scope._errors import DOCS_URL, MissingAsyncDriverError, _check_async_driver
@@ -208,6 +209,7 @@ def test_async_drivers_pass(url: str) -> None:
         SharedConnectionBusyError(10, "<Scope GET />"),
         AlreadyInstalledError("`install(app, db)`"),
         MissingAsyncDriverError("sqlite", "uses pysqlite, a synchronous driver"),
+        UnwatchedDatabaseError("Database('sqlite+aiosqlite://', commit='autocommit')"),
     ],
     ids=lambda error: type(error).__name__,
 )
@@ -231,5 +233,6 @@ def test_every_public_exception_has_a_link_test() -> None:
         "SharedConnectionBusyError",
         "AlreadyInstalledError",
         "MissingAsyncDriverError",
+        "UnwatchedDatabaseError",
     }
     assert exported <= tested

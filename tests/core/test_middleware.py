@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from alchemy_scope import Database, ScopeMiddleware, current_scope
+from alchemy_scope import Database, ScopeMiddleware, UnwatchedDatabaseError, current_scope
 
 from ..models import Item
 from ..support import add_write_that_fails_at_commit, count_items, item_names, registry
@@ -254,3 +254,65 @@ async def test_a_cancelled_request_is_rolled_back_and_ended(db: Database) -> Non
         await task
     assert registry(db) == {}
     assert await count_items(db) == 0
+
+
+async def _send_seen_by_the_app(middleware: Any) -> tuple[Any, Any]:
+    """Run one request through ``middleware``; return the server's send and the app's."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    request = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    await middleware(request, receive, send)
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    return send, middleware.app.seen_send
+
+
+def send_recording_app() -> Any:
+    """A bare ASGI app that answers 200 and records the ``send`` it was given."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        app.seen_send = send  # type: ignore[attr-defined]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+async def test_two_apps_in_one_process_each_follow_their_own_databases(
+    db: Database, autocommit_db: Database
+) -> None:
+    """An autocommit Database elsewhere in the process costs a manual-only app nothing."""
+    manual = ScopeMiddleware(send_recording_app(), databases=[db])
+    watching = ScopeMiddleware(send_recording_app(), databases=[db, autocommit_db])
+    server_send, app_send = await _send_seen_by_the_app(manual)
+    assert app_send is server_send
+    server_send, app_send = await _send_seen_by_the_app(watching)
+    assert app_send is not server_send
+
+
+async def test_a_middleware_not_told_its_databases_watches_every_response(db: Database) -> None:
+    """Without ``databases`` the middleware cannot know the policies, so it watches."""
+    server_send, app_send = await _send_seen_by_the_app(ScopeMiddleware(send_recording_app()))
+    assert app_send is not server_send
+
+
+async def test_an_autocommit_database_the_middleware_was_not_given_raises(
+    db: Database, autocommit_db: Database
+) -> None:
+    """An autocommit database the middleware was not given raises on use and writes nothing."""
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        autocommit_db.session.add(Item(name="unwatched"))
+        return 200, b"ok"
+
+    app = ScopeMiddleware(asgi_app(handler), databases=[db])
+    async with client(app) as http:
+        with pytest.raises(UnwatchedDatabaseError, match="commits by policy"):
+            await http.get("/")
+    assert await count_items(autocommit_db) == 0
+    assert registry(autocommit_db) == {}

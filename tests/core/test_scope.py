@@ -251,7 +251,7 @@ async def test_only_a_scope_with_a_transaction_to_end_starts_a_task(db: Database
             loop.set_task_factory(counting_factory)
         loop.set_task_factory(default_factory)
         ends[case], started[:] = started[:], []
-    assert ends == {"committed": [], "read, transaction open": ["Scope._finish"]}
+    assert ends == {"committed": [], "read, transaction open": ["_end_sessions"]}
     assert registry(db) == {}
     assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 

@@ -10,8 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from ._core import Scope, ScopeBlock, current_scope, fail_current_scope, scope
-from ._database import CommitPolicy, Database, ScopedSession, dispose_all
+from ._database import CommitPolicy, Database, dispose_all
 from ._errors import (
     AlchemyScopeError,
     AlreadyInstalledError,
@@ -20,9 +19,13 @@ from ._errors import (
     NoScopeError,
     ScopeClosedError,
     SharedConnectionBusyError,
+    UnwatchedDatabaseError,
     is_database_unavailable,
 )
+from ._guard import ScopedSession
+from ._lifecycle import ScopeBlock, scope
 from ._middleware import ScopeMiddleware
+from ._scope import Scope, current_scope, fail_current_scope
 
 __version__ = "0.1.0"
 
@@ -40,6 +43,7 @@ __all__ = [
     "ScopeMiddleware",
     "ScopedSession",
     "SharedConnectionBusyError",
+    "UnwatchedDatabaseError",
     "current_scope",
     "dispose_all",
     "fail_current_scope",

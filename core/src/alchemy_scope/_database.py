@@ -3,241 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
-    AsyncResult,
-    AsyncScalarResult,
     AsyncSession,
     async_scoped_session,
     async_sessionmaker,
     create_async_engine,
 )
 
-from ._core import (
-    Scope,
-    ScopeBlock,
-    _current_scope,
-    _open_scope_key,
-    commit_or_discard,
-    policies,
-    scope,
-)
-from ._errors import AlchemyScopeError, ConcurrentSessionUseError, ScopeClosedError
+from ._errors import AlchemyScopeError, UnwatchedDatabaseError
+from ._guard import ScopedSession
+from ._lifecycle import ScopeBlock, scope
+from ._scope import Scope, _current_scope, open_scope_key
 from ._shared import SharedConnection
-
-if TYPE_CHECKING:
-    from collections.abc import Coroutine, Iterator
 
 CommitPolicy = Literal["manual", "autocommit"]
 """``manual``: the app commits, the rest is rolled back. ``autocommit``: commit on success."""
-
-
-class ScopedSession(AsyncSession):
-    """The ``AsyncSession`` that ``db.session`` hands out.
-
-    It is an ordinary ``AsyncSession`` that also refuses two things SQLAlchemy cannot detect
-    reliably: two tasks running operations on it at the same time, and use after its scope
-    has ended. Synchronous methods that change the session (``add()``, ``expunge_all()``,
-    ...) cannot wait for another task's operation, so they raise instead, even with
-    ``serialize=True``.
-    """
-
-    _alchemy_scope: Scope | None = None  # None: made by db.sessionmaker(), outside scopes
-    _alchemy_owner: asyncio.Task[Any] | None = None
-    _alchemy_running: str | None = None
-    _alchemy_lock: asyncio.Lock | None = None
-    _alchemy_idle: asyncio.Future[None] | None = None
-    _alchemy_binding: SharedConnection | None = None  # set while its Database is bound_to()
-    # An operation was cancelled half-way: the connection's state is unknown.
-    _alchemy_interrupted = False
-    # Results of stream()/stream_scalars(), closed when the scope ends.
-    _alchemy_streams: list[AsyncResult[Any] | AsyncScalarResult[Any]] | tuple[()] = ()
-
-    async def _alchemy_wait_idle(self) -> None:
-        """Wait until the operation another task is running on this session has returned."""
-        while self._alchemy_owner is not None:
-            if self._alchemy_idle is None:
-                self._alchemy_idle = asyncio.get_running_loop().create_future()
-            await self._alchemy_idle
-
-    def _alchemy_release(self) -> None:
-        """The running operation has returned: wake whoever waits for the session."""
-        self._alchemy_owner = None
-        self._alchemy_running = None
-        idle = self._alchemy_idle
-        if idle is not None:
-            self._alchemy_idle = None
-            if not idle.done():
-                idle.set_result(None)
-
-    async def _alchemy_hold(self, work: Callable[[ScopedSession], Awaitable[None]]) -> None:
-        """Run ``work`` (the commit policy's) as an operation of its own on this session.
-
-        It waits for an operation another task is running, and operations that other tasks
-        start meanwhile wait for it instead of raising ``ConcurrentSessionUseError``.
-        """
-        task = asyncio.current_task()
-        if self._alchemy_owner is task:  # pragma: no cover - called from inside an operation
-            await work(self)
-            return
-        lock = self._alchemy_lock
-        if lock is not None:
-            async with lock:
-                await _run_owning(self, task, _POLICY, work)
-            return
-        await self._alchemy_wait_idle()
-        await _run_owning(self, task, _POLICY, work)
-
-
-_POLICY = "commit"  # what _alchemy_running says while the commit policy holds the session
-
-# Methods that end a session stay allowed on a session whose scope has ended.
-_ALLOWED_AFTER_SCOPE = frozenset({"close", "invalidate", "reset"})
-_GUARDED_METHODS = (
-    "close",
-    "commit",
-    "connection",
-    "delete",
-    "execute",
-    "flush",
-    "get",
-    "get_one",
-    "invalidate",
-    "merge",
-    "refresh",
-    "reset",
-    "rollback",
-    "run_sync",
-    "scalar",
-    "scalars",
-    "stream",
-    "stream_scalars",
-)
-# Synchronous methods that change what the next flush writes: they cannot wait for a turn.
-_GUARDED_SYNC_METHODS = ("add", "add_all", "expire", "expire_all", "expunge", "expunge_all")
-
-
-async def _run_owning(
-    session: ScopedSession,
-    task: asyncio.Task[Any] | None,
-    name: str,
-    call: Callable[..., Awaitable[Any]],
-    /,
-    *args: Any,
-    **kwargs: Any,
-) -> Any:
-    """Run ``call`` as the one operation in flight on ``session``, on behalf of ``task``."""
-    session._alchemy_owner = task
-    session._alchemy_running = name
-    binding = session._alchemy_binding
-    try:
-        if binding is not None:
-            await binding.take_turn(session)
-        return await call(session, *args, **kwargs)
-    except asyncio.CancelledError as cancellation:
-        # The connection's state is unknown: the scope discards it. The finished frames
-        # below hold the half-run cursor, which on SQLite keeps its lock until they go.
-        session._alchemy_interrupted = True
-        traceback.clear_frames(cancellation.__traceback__)
-        raise
-    finally:
-        if binding is not None:
-            binding.done(session)
-        session._alchemy_release()
-
-
-async def _stream(
-    method: Callable[..., Awaitable[Any]], session: ScopedSession, /, *args: Any, **kwargs: Any
-) -> Any:
-    """Call ``stream()``/``stream_scalars()`` and remember the result, to close it at scope end."""
-    result = await method(session, *args, **kwargs)
-    streams = session._alchemy_streams
-    if streams:
-        streams[:] = [kept for kept in streams if not kept._soft_closed]
-        streams.append(result)
-    else:
-        session._alchemy_streams = [result]
-    return result
-
-
-def _guarded(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
-    """Build the guarded version of the ``AsyncSession`` method ``name``.
-
-    The guard refuses use after the scope ended (except for methods that end a session),
-    runs the method directly when the task already owns the session (``AsyncSession``
-    calling itself), waits for a turn with ``serialize=True`` or while the commit policy
-    holds the session, and otherwise raises ``ConcurrentSessionUseError`` when another
-    task's operation is in flight.
-    """
-    method = commit_or_discard if name == "commit" else getattr(AsyncSession, name)
-    if name in ("stream", "stream_scalars"):
-        unguarded: Callable[..., Awaitable[Any]] = functools.partial(_stream, method)
-    else:
-        unguarded = method
-    allowed_after_scope = name in _ALLOWED_AFTER_SCOPE
-
-    async def guarded(self: ScopedSession, /, *args: Any, **kwargs: Any) -> Any:
-        owning_scope = self._alchemy_scope
-        if owning_scope is not None and owning_scope.closed and not allowed_after_scope:
-            raise ScopeClosedError()
-        task = asyncio.current_task()
-        owner = self._alchemy_owner
-        if owner is task:  # AsyncSession calling itself (scalars() runs execute())
-            return await unguarded(self, *args, **kwargs)
-        lock = self._alchemy_lock
-        if lock is not None:
-            async with lock:
-                return await _run_owning(self, task, name, unguarded, *args, **kwargs)
-        while owner is not None and self._alchemy_running is _POLICY:
-            await self._alchemy_wait_idle()  # the policy's commit: wait for it to return
-            owner = self._alchemy_owner
-        if owner is not None:
-            raise ConcurrentSessionUseError(name, self._alchemy_running or "?")
-        return await _run_owning(self, task, name, unguarded, *args, **kwargs)
-
-    guarded.__name__ = guarded.__qualname__ = name
-    guarded.__doc__ = method.__doc__
-    return guarded
-
-
-def _guarded_sync(name: str) -> Callable[..., Any]:
-    """Build the guarded version of the synchronous ``AsyncSession`` method ``name``."""
-    unguarded = getattr(AsyncSession, name)
-
-    def guarded(self: ScopedSession, /, *args: Any, **kwargs: Any) -> Any:
-        owning_scope = self._alchemy_scope
-        if owning_scope is not None and owning_scope.closed:
-            raise ScopeClosedError()
-        owner = self._alchemy_owner
-        if owner is not None and owner is not _current_task():
-            raise ConcurrentSessionUseError(name, self._alchemy_running or "?", synchronous=True)
-        return unguarded(self, *args, **kwargs)
-
-    guarded.__name__ = guarded.__qualname__ = name
-    guarded.__doc__ = unguarded.__doc__
-    return guarded
-
-
-def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # a worker thread (a sync route): never the owning task
-        return None
-
-
-for _name in _GUARDED_METHODS:
-    if hasattr(AsyncSession, _name):  # ``get_one`` is newer than some supported versions
-        setattr(ScopedSession, _name, _guarded(_name))
-for _name in _GUARDED_SYNC_METHODS:
-    setattr(ScopedSession, _name, _guarded_sync(_name))
 
 
 class Database:
@@ -258,6 +45,15 @@ class Database:
         engine_options: Keyword arguments for ``create_async_engine`` (only with a URL).
         session_options: Keyword arguments for ``async_sessionmaker``. ``expire_on_commit``
             defaults to ``False``, so objects stay readable after a commit.
+
+    Attributes:
+        engine: The ``AsyncEngine``.
+        sessionmaker: The ``async_sessionmaker`` of ``ScopedSession``s behind ``db.session``;
+            call it for a session outside scopes that you close yourself.
+        scoped_session: The ``async_scoped_session`` registry, keyed by the current scope.
+        commit_policy: ``"manual"`` or ``"autocommit"``, as given.
+        autocommits: Whether ``commit_policy`` is ``"autocommit"``.
+        commit_on_redirect: As given.
 
     Raises:
         ValueError: ``commit`` is not a known policy.
@@ -296,14 +92,12 @@ class Database:
         options.setdefault("class_", ScopedSession)
         self.commit_policy: CommitPolicy = commit
         self.commit_on_redirect = commit_on_redirect
-        self._autocommit = commit == "autocommit"
-        if self._autocommit:
-            policies.autocommit = True
+        self.autocommits = commit == "autocommit"
         self.sessionmaker: async_sessionmaker[ScopedSession] = async_sessionmaker(
             self.engine, **options
         )
         self.scoped_session: async_scoped_session[ScopedSession] = async_scoped_session(
-            self.sessionmaker, scopefunc=_open_scope_key
+            self.sessionmaker, scopefunc=open_scope_key
         )
         registry = self.scoped_session.registry
         registry.createfunc = self._open_session
@@ -385,22 +179,17 @@ class Database:
         """Create the current scope's session and record it in the scope (registry miss)."""
         current = _current_scope.get()
         assert current is not None  # _open_scope_key() has just checked it
+        if current._unwatched and self.autocommits:
+            raise UnwatchedDatabaseError(repr(self))
         session = self.sessionmaker()
-        session._alchemy_scope = current
+        guard = session._guard
+        guard.scope = current
         if self._shared is not None:
-            session._alchemy_binding = self._shared
+            guard.binding = self._shared
         if current.serialize:
-            session._alchemy_lock = asyncio.Lock()
+            guard.lock = asyncio.Lock()
         current._add(self, session)
         return session
-
-    def _commits(self, status: int | None) -> bool:
-        """Whether this database's policy commits a scope that ended with ``status``."""
-        if not self._autocommit:
-            return False
-        if status is None or status < 300:
-            return True
-        return status < 400 and self.commit_on_redirect
 
     def _forget(self, scope: Scope) -> None:
         """Drop the registry entry of ``scope``."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
@@ -23,17 +23,29 @@ class AlchemyScopeError(Exception):
 class NoScopeError(AlchemyScopeError, LookupError):
     """``db.session`` was used where no scope is open."""
 
+    # What each imported framework integration adds: how scopes are opened there.
+    integration_hints: ClassVar[dict[str, str]] = {}
+
     def __init__(self) -> None:
+        hints = "".join(f" {hint}" for hint in self.integration_hints.values())
         super().__init__(
             "db.session was used outside of a scope, so there is no session to give. "
             "In a web app, install the alchemy-scope integration for your framework so "
-            "that every request opens a scope (for example "
-            "`alchemy_scope_starlette.install(app, db)`, or add "
-            "`alchemy_scope.ScopeMiddleware` to any ASGI app); in scripts, jobs and tests, "
-            "wrap the work in `async with db.scope(): ...`. Litestar's AlchemyScopePlugin "
-            "opens scopes once the app has started: run its lifespan (in tests, "
-            "`with TestClient(app) as client:`)." + _see("NoScopeError")
+            "that every request opens a scope (or add `alchemy_scope.ScopeMiddleware` to "
+            "any ASGI app); in scripts, jobs and tests, wrap the work in "
+            f"`async with db.scope(): ...`.{hints}" + _see("NoScopeError")
         )
+
+    @classmethod
+    def add_integration_hint(cls, integration: str, hint: str) -> None:
+        """Add to every later message how ``integration`` opens scopes (integrations call it).
+
+        Args:
+            integration: The integration's distribution name; adding it again replaces its
+                hint.
+            hint: One or two sentences, ending with a full stop.
+        """
+        cls.integration_hints[integration] = hint
 
 
 class ScopeClosedError(AlchemyScopeError):
@@ -97,6 +109,19 @@ class AlreadyInstalledError(AlchemyScopeError, RuntimeError):
             "alchemy-scope is already installed in this app; a second installation would nest "
             f"scopes and dispose engines twice. Install it once, with every database: "
             f"{how_to_install_once}." + _see("AlreadyInstalledError")
+        )
+
+
+class UnwatchedDatabaseError(AlchemyScopeError):
+    """An autocommit database was used in a request whose middleware was not told of it."""
+
+    def __init__(self, database: str) -> None:
+        super().__init__(
+            f"{database} commits by policy, but this request's ScopeMiddleware was given its "
+            "app's databases without it, so it does not watch the response and could not "
+            "commit before the client hears of success. Pass every database the app uses to "
+            "the integration (for example `install(app, db, other_db)`), or to "
+            "`ScopeMiddleware(app, databases=[db, other_db])`." + _see("UnwatchedDatabaseError")
         )
 
 

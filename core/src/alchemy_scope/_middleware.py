@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from ._core import Scope, _current_scope, logger, policies
+from ._lifecycle import Message, Send, before_send, enter, leave
+from ._scope import Scope, SessionOwner
 
-Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
-
-_ERROR_BODY = b"Internal Server Error"
-_ERROR_START: Message = {
-    "type": "http.response.start",
-    "status": 500,
-    "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(_ERROR_BODY)).encode()),
-    ],
-}
-_ERROR_END: Message = {"type": "http.response.body", "body": _ERROR_BODY, "more_body": False}
 
 
 class ScopeMiddleware:
@@ -38,13 +25,24 @@ class ScopeMiddleware:
 
     Args:
         app: The ASGI app to wrap.
+        databases: The databases the app uses, if known (integrations pass them). When none
+            commits by policy, the middleware leaves ``send`` alone; an autocommit database
+            left out of them then raises ``UnwatchedDatabaseError`` on first use in a
+            request. ``None``: unknown, so every response is watched.
         serialize: Let tasks of one request that share its session wait for each other
             instead of raising ``ConcurrentSessionUseError``.
     """
 
-    def __init__(self, app: ASGIApp, *, serialize: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        databases: Iterable[SessionOwner] | None = None,
+        serialize: bool = False,
+    ) -> None:
         self.app = app
         self.serialize = serialize
+        self.watching = databases is None or any(db.autocommits for db in databases)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -55,28 +53,21 @@ class ScopeMiddleware:
         current._request = scope
         if self.serialize:
             current.serialize = True
-        token = current._token = _current_scope.set(current)
-        watching = policies.autocommit
-        raised = False
+        watching = self.watching
+        if not watching:
+            current._unwatched = True
+        token = enter(current)
         try:
             if watching:
                 await self.app(scope, receive, _watching_send(current, send))
             else:  # manual commits only: nothing to do before the response is sent
                 await self.app(scope, receive, send)
         except BaseException as exc:
-            current.failed = raised = True
-            if isinstance(exc, asyncio.CancelledError):
-                current._cancel(exc)
+            await leave(current, token, exc)
             raise
-        else:
-            if watching and current.status is None and kind == "http":
-                current.failed = True  # the app returned without a response: not a success
-        finally:
-            current.closed = True
-            if current._opened:
-                await current._leave(token, raised)
-            else:
-                _current_scope.reset(token)
+        if watching and current.status is None and kind == "http":
+            current.failed = True  # the app returned without a response: not a success
+        await leave(current, token, None)
 
 
 def _watching_send(current: Scope, send: Send) -> Send:
@@ -85,36 +76,8 @@ def _watching_send(current: Scope, send: Send) -> Send:
     async def send_in_scope(message: Message) -> None:
         if message["type"] == "http.response.start":
             current.status = message["status"]
-        if current._opened and not await _before_send(current, message, send):
+        if current._opened and not await before_send(current, message, send):
             return
         await send(message)
 
     return send_in_scope
-
-
-async def _before_send(current: Scope, message: Message, send: Send) -> bool:
-    """Commit where the policy says so before the client learns the outcome.
-
-    Returns:
-        Whether ``message`` should still be forwarded.
-    """
-    if current._replaced_response:
-        return False
-    kind = message["type"]
-    if kind == "http.response.start":
-        try:
-            await current._commit_due()
-        except Exception:
-            logger.exception("Commit failed before the response started; sending a 500 instead")
-            current.failed = True
-            current._replaced_response = True
-            await send(_ERROR_START)
-            await send(_ERROR_END)
-            return False
-    elif (
-        kind == "http.response.body" and not message.get("more_body", False)
-    ) or kind == "http.response.pathsend":
-        # Writes made while the body streamed are committed before its last chunk: if that
-        # fails the exception aborts the response, so the client never sees it complete.
-        await current._commit_due()
-    return True

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING
 
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ._errors import SharedConnectionBusyError
-
-if TYPE_CHECKING:
-    from ._core import Scope
-    from ._database import ScopedSession
+from ._scope import Scope
 
 
 class SharedConnection:
@@ -29,41 +25,42 @@ class SharedConnection:
     def __init__(self, connection: AsyncConnection, timeout: float) -> None:
         self.connection = connection
         self.timeout = timeout
-        self._holders: list[ScopedSession] = []  # sessions with an open SAVEPOINT, in order
-        self._running: ScopedSession | None = None
+        # Sessions with an open SAVEPOINT, in the order they began, with their scopes.
+        self._holders: list[tuple[AsyncSession, Scope | None]] = []
+        self._running: AsyncSession | None = None
         self._changed = asyncio.Event()
 
-    def _may_run(self, session: ScopedSession) -> bool:
+    def _may_run(self, session: AsyncSession, scope: Scope | None) -> bool:
         if self._running is not None and self._running is not session:
             return False
         holders = self._holders
-        if not holders or holders[-1] is session:
+        if not holders or holders[-1][0] is session:
             return True
-        if session in holders:  # later sessions hold savepoints above its own
+        if any(holder is session for holder, _ in holders):  # savepoints above its own
             return False
-        enclosing = _enclosing_scopes(session._alchemy_scope)
-        return all(holder._alchemy_scope in enclosing for holder in holders)
+        enclosing = _enclosing_scopes(scope)
+        return all(holder_scope in enclosing for _, holder_scope in holders)
 
-    async def take_turn(self, session: ScopedSession) -> None:
+    async def take_turn(self, session: AsyncSession, scope: Scope | None) -> None:
         """Wait until ``session`` may use the connection, then mark it as using it.
 
         Raises:
             SharedConnectionBusyError: Its turn did not come within ``timeout`` seconds.
         """
-        if not self._may_run(session):
+        if not self._may_run(session, scope):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.timeout
-            while not self._may_run(session):
+            while not self._may_run(session, scope):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise SharedConnectionBusyError(self.timeout, self._holders[-1]._alchemy_scope)
+                    raise SharedConnectionBusyError(self.timeout, self._holders[-1][1])
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
         self._running = session
-        if session not in self._holders:
-            self._holders.append(session)
+        if not any(holder is session for holder, _ in self._holders):
+            self._holders.append((session, scope))
 
-    def done(self, session: ScopedSession) -> None:
+    def done(self, session: AsyncSession) -> None:
         """``session`` finished an operation; it keeps its place while its transaction is open."""
         if self._running is session:
             self._running = None
@@ -72,12 +69,11 @@ class SharedConnection:
         else:
             self._signal()
 
-    def leave(self, session: ScopedSession) -> None:
+    def leave(self, session: AsyncSession) -> None:
         """``session`` no longer has anything open on the connection."""
         if self._running is session:
             self._running = None
-        if session in self._holders:
-            self._holders.remove(session)
+        self._holders = [held for held in self._holders if held[0] is not session]
         self._signal()
 
     def _signal(self) -> None:

@@ -16,9 +16,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from alchemy_scope import (
     AlreadyInstalledError,
     Database,
+    NoScopeError,
     ScopeMiddleware,
     dispose_all,
     fail_current_scope,
+)
+
+NoScopeError.add_integration_hint(
+    "alchemy-scope-litestar",
+    "Litestar's AlchemyScopePlugin opens scopes once the app has started: run its lifespan "
+    "(in tests, `with TestClient(app) as client:`).",
 )
 
 # ScopeMiddleware takes scopes as plain mappings; Litestar types them as TypedDicts.
@@ -41,8 +48,9 @@ class AlchemyScopePlugin(InitPlugin):
 
     Args:
         database: The database whose session is injected under ``dependency_key``.
-        *databases: More databases to dispose at shutdown; their ``db.session`` works in
-            requests too (a scope covers every ``Database``).
+        *databases: More databases the app uses, disposed at shutdown. A scope covers every
+            ``Database``, but the middleware watches responses (to commit before they
+            start) only if one of the listed databases commits by policy: list them all.
         dependency_key: The name handlers and dependencies use to receive
             ``database.session``; ``None`` to register no dependency.
         serialize: Let tasks of one request that share its session wait for each other
@@ -99,7 +107,9 @@ class AlchemyScopePlugin(InitPlugin):
     def open_scopes(self, app: Litestar) -> None:
         """Wrap ``app``'s request handling in ``ScopeMiddleware``, once (a startup hook)."""
         if not isinstance(app.asgi_handler, ScopeMiddleware):
-            app.asgi_handler = _SCOPE_MIDDLEWARE(app.asgi_handler, serialize=self.serialize)
+            app.asgi_handler = _SCOPE_MIDDLEWARE(
+                app.asgi_handler, databases=self.databases, serialize=self.serialize
+            )
 
     async def provide_session(self) -> AsyncSession:
         """Return the current request's session: the same object as ``db.session``."""

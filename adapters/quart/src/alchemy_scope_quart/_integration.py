@@ -11,6 +11,7 @@ from quart.signals import got_request_exception, got_websocket_exception
 from alchemy_scope import (
     AlreadyInstalledError,
     Database,
+    NoScopeError,
     ScopeMiddleware,
     dispose_all,
     fail_current_scope,
@@ -18,6 +19,11 @@ from alchemy_scope import (
 )
 
 EXTENSION_NAME = "alchemy_scope"
+
+NoScopeError.add_integration_hint(
+    "alchemy-scope-quart",
+    "In Quart: `AlchemyScope(app, db)`, or `alchemy.init_app(app, db)` in an app factory.",
+)
 
 
 class AlchemyScope:
@@ -38,8 +44,10 @@ class AlchemyScope:
 
     Args:
         app: The app to install into now, or ``None`` to call :meth:`init_app` later.
-        *databases: Databases to dispose when every app this extension is installed in shuts
-            down. (A scope covers every ``Database`` whether it is listed or not.)
+        *databases: The databases the app uses, disposed when every app this extension is
+            installed in shuts down. A scope covers every ``Database``, but responses are
+            watched (to commit before they start) only if a listed one commits by policy:
+            list them all (with none listed, every response is watched).
         serialize: Let tasks that share a request's session wait for each other instead of
             raising ``ConcurrentSessionUseError``.
     """
@@ -72,13 +80,17 @@ class AlchemyScope:
         if EXTENSION_NAME in app.extensions:
             raise AlreadyInstalledError("`AlchemyScope(app, db, other_db)`")
         app.extensions[EXTENSION_NAME] = self
-        middleware = ScopeMiddleware(app.asgi_app, serialize=self.serialize)  # type: ignore[arg-type]
+        to_dispose = (*self.databases, *databases)
+        middleware = ScopeMiddleware(
+            app.asgi_app,  # type: ignore[arg-type]
+            databases=to_dispose or None,  # none given: unknown, so responses are watched
+            serialize=self.serialize,
+        )
         app.asgi_app = middleware  # type: ignore[assignment,method-assign]
         # Quart turns an exception into its own answer (a 500, an error handler's response, a
         # websocket closed with code 1000), so the middleware may never see it: these signals do.
         got_request_exception.connect(_fail_current_scope, app)
         got_websocket_exception.connect(_fail_current_scope, app)
-        to_dispose = (*self.databases, *databases)
 
         async def dispose_databases() -> None:
             await dispose_all(to_dispose)

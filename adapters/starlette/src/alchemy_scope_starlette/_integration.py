@@ -14,9 +14,15 @@ from starlette.types import ASGIApp
 from alchemy_scope import (
     AlreadyInstalledError,
     Database,
+    NoScopeError,
     ScopeMiddleware,
     dispose_all,
     fail_current_scope,
+)
+
+NoScopeError.add_integration_hint(
+    "alchemy-scope-starlette",
+    "In Starlette and FastAPI: `install(app, db)` where the app is created.",
 )
 
 AppT = TypeVar("AppT")
@@ -32,7 +38,10 @@ def install(app: Starlette, *databases: Database, serialize: bool = False) -> No
 
     Args:
         app: The Starlette (or FastAPI) application.
-        *databases: The databases whose engines are disposed when the app shuts down.
+        *databases: The databases the app uses: their engines are disposed when the app
+            shuts down, and the scope watches responses only if one of them commits by
+            policy (``commit="autocommit"``). Give every one; with none given, every
+            response is watched.
         serialize: Let tasks of one request that share its session wait for each other
             instead of raising ``ConcurrentSessionUseError``.
     """
@@ -40,7 +49,8 @@ def install(app: Starlette, *databases: Database, serialize: bool = False) -> No
         raise AlreadyInstalledError("`install(app, db, other_db)`")
     if app.middleware_stack is not None:
         raise RuntimeError("Cannot add middleware after an application has started")
-    app.build_middleware_stack = _StackInAScope(app.build_middleware_stack, serialize)  # type: ignore[method-assign]
+    stack = _StackInAScope(app.build_middleware_stack, databases, serialize)
+    app.build_middleware_stack = stack  # type: ignore[method-assign]
     app.exception_handlers = _HandlersFailingTheScope(app.exception_handlers)
     app.router.lifespan_context = lifespan_disposing(app.router.lifespan_context, *databases)
 
@@ -57,12 +67,15 @@ class _StackInAScope:
     which that middleware re-raises after sending its 500, still fails the scope.
     """
 
-    def __init__(self, build: Callable[[], ASGIApp], serialize: bool) -> None:
+    def __init__(
+        self, build: Callable[[], ASGIApp], databases: tuple[Database, ...], serialize: bool
+    ) -> None:
         self.build = build
+        self.databases = databases or None  # none given: unknown, so responses are watched
         self.serialize = serialize
 
     def __call__(self) -> ASGIApp:
-        return ScopeMiddleware(self.build(), serialize=self.serialize)
+        return ScopeMiddleware(self.build(), databases=self.databases, serialize=self.serialize)
 
 
 class _HandlersFailingTheScope(dict[Any, Any]):
