@@ -31,6 +31,10 @@ OLDEST_PYTHON = PYTHONS[0]
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TEST_DEPENDENCIES = nox.project.dependency_groups(PYPROJECT, "test")
+COVERAGE = "coverage>=7.10"  # [run] patch = ["subprocess"] came in 7.10
+# Where each `nox -s tests` session writes its branch coverage (.coverage.<host>.<pid>.<n>,
+# [tool.coverage.run] parallel) and `nox -s coverage` combines them.
+COVERAGE_DATA = ROOT / ".coverage"
 
 
 def _adapters() -> dict[str, list[str]]:
@@ -70,19 +74,30 @@ PACKAGES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-def _install(session: nox.Session, package: str, *uv_options: str) -> None:
+def _install(
+    session: nox.Session, package: str, *uv_options: str, extra: tuple[str, ...] = ()
+) -> None:
     """Install core, one adapter and the test dependencies: nothing of the other frameworks."""
     directories, _ = PACKAGES[package]
     editables = [arg for directory in directories for arg in ("-e", directory)]
-    session.install(*uv_options, *editables, *TEST_DEPENDENCIES)
+    session.install(*uv_options, *editables, *TEST_DEPENDENCIES, *extra)
 
 
-def _pytest(session: nox.Session, package: str) -> None:
+def _pytest(session: nox.Session, package: str, *, measure: bool = False) -> None:
+    """Run the package's tests; ``measure``: under coverage.py, into a data file of their own."""
     _, paths = PACKAGES[package]
     env = {"ALCHEMY_SCOPE_PACKAGE": package}
     if session.python == PYTHONS[-1]:  # the slowest tests in full once; a sample elsewhere
         env["ALCHEMY_SCOPE_THOROUGH"] = "1"
-    session.run("pytest", *paths, "tests/test_packages.py", *session.posargs, env=env)
+    command = ["pytest", *paths, "tests/test_packages.py", *session.posargs]
+    if measure:
+        env["COVERAGE_FILE"] = str(COVERAGE_DATA)
+        # sys.monitoring measures branches from Python 3.14 on; before, coverage.py falls
+        # back to its C tracer with a warning (no-sysmon), so ask for it only there.
+        if tuple(map(int, str(session.python).split("."))) >= (3, 14):
+            env["COVERAGE_CORE"] = "sysmon"
+        command = ["coverage", "run", "-m", *command]
+    session.run(*command, env=env)
 
 
 # --- the closing summary of `nox -s tests`: what ran, what was skipped, how to enable it ----
@@ -149,10 +164,29 @@ atexit.register(_tests_summary)
 @nox.session(python=PYTHONS)
 @nox.parametrize("package", list(PACKAGES))
 def tests(session: nox.Session, package: str) -> None:
-    """The test suite of one package on one Python, on every database leg."""
+    """The test suite of one package on one Python, on every database leg, under coverage.py.
+
+    Each session writes the branch coverage of core/ and adapters/ to a data file of its
+    own; `nox -s coverage` combines them.
+    """
     _TESTS_RAN.append((str(session.python), package))
-    _install(session, package)
-    _pytest(session, package)
+    _install(session, package, extra=(COVERAGE,))
+    _pytest(session, package, measure=True)
+
+
+@nox.session(python="3.13", default=False)
+def coverage(session: nox.Session) -> None:
+    """Combine the branch coverage `nox -s tests` measured; fail under [tool.coverage.report].
+
+    Run it after `nox -s tests` (.ci/run does): it reads the sessions' data files, prints
+    every file's missing lines and branches, and fails below `fail_under`.
+    """
+    session.install(COVERAGE)
+    if not any(ROOT.glob(f"{COVERAGE_DATA.name}.*")):
+        session.error("No coverage data to combine: run `nox -s tests` first.")
+    env = {"COVERAGE_FILE": str(COVERAGE_DATA)}
+    session.run("coverage", "combine", env=env)
+    session.run("coverage", "report", env=env)
 
 
 @nox.session(python=OLDEST_PYTHON)
