@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +15,14 @@ from sqlalchemy import text
 from alchemy_scope import Database, ScopeMiddleware, UnwatchedDatabaseError, current_scope
 
 from ..models import Item
-from ..support import add_write_that_fails_at_commit, count_items, item_names, registry
+from ..support import (
+    add_write_that_fails_at_commit,
+    count_items,
+    item_names,
+    leaks,
+    registry,
+    run_readme_app,
+)
 
 Message = dict[str, Any]
 Handler = Callable[[dict[str, Any]], Awaitable[tuple[int, bytes]]]
@@ -316,3 +324,20 @@ async def test_an_autocommit_database_the_middleware_was_not_given_raises(
             await http.get("/")
     assert await count_items(autocommit_db) == 0
     assert registry(autocommit_db) == {}
+
+
+async def test_the_architecture_pages_bare_asgi_app_serves_a_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARCHITECTURE.md's bare ASGI app answers through db.session and leaves nothing open."""
+    monkeypatch.chdir(tmp_path)  # its SQLite file goes to a scratch directory
+    namespace = run_readme_app("ARCHITECTURE.md")
+    app, db = namespace["app"], namespace["db"]
+    try:
+        async with client(app) as http:
+            response = await http.get("/")
+        assert response.status_code == 200
+        assert response.text
+        assert await leaks(db) == []
+    finally:
+        await db.dispose()
