@@ -226,6 +226,47 @@ def typecheck(session: nox.Session) -> None:
             session.run("mypy", *cache, *config, ".")
 
 
+# What `nox -s docs` installs besides the workspace: the site's tools, and what the code blocks
+# of its pages import (the recipes and the libraries the migration pages start from).
+DOCS_TOOLS = [
+    "mkdocs>=1.6.1",
+    "mkdocs-material>=9.8",
+    "mkdocstrings>=1.0.8",
+    "mkdocstrings-python>=2.0.11",
+    "ruff>=0.8",  # mkdocstrings formats signatures with it
+]
+DOCS_BLOCKS = [
+    "sqlmodel>=0.0.22",
+    "alembic>=1.14",
+    "fastapi-async-sqlalchemy>=0.7",
+    "flask-sqlalchemy>=3.1",
+]
+
+
+@nox.session(python="3.13")
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with warnings as errors, then run every code block on it.
+
+    The site goes to .nox/docs/tmp/site (`-- --serve` serves it on http://127.0.0.1:8000
+    instead). tests/test_docs.py runs the pages' code with every framework installed.
+    """
+    directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
+    session.install(
+        *(arg for directory in directories for arg in ("-e", directory)),
+        *DOCS_TOOLS,
+        *DOCS_BLOCKS,
+        *TEST_DEPENDENCIES,
+    )
+    quiet = {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's banner about its successor
+    if "--serve" in session.posargs:
+        session.run("mkdocs", "serve", "--strict", "--dev-addr", "127.0.0.1:8000", env=quiet)
+        return
+    site = Path(session.create_tmp()) / "site"
+    session.run("mkdocs", "build", "--strict", "--clean", "--site-dir", str(site), env=quiet)
+    env = {"ALCHEMY_SCOPE_DOCS": "1"}  # every block must run: a missing module fails
+    session.run("pytest", "tests/test_docs.py", *session.posargs, env=env)
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """Serve one example Todo API on http://127.0.0.1:8000: `nox -s demo -- starlette`.
