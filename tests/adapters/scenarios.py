@@ -189,8 +189,9 @@ class AdapterScenarios:
             assert (await client.post("/items/kept")).status_code == 201
         assert await item_names(autocommit_db) == ["kept"]
 
-    def test_installing_twice_raises_already_installed(self, db: Database) -> None:
+    def test_installing_twice_raises_already_installed(self) -> None:
         """A second install in one app raises AlreadyInstalledError showing the call to use."""
+        db = Database("sqlite+aiosqlite://")  # never connects: no database leg needed
         with pytest.raises(AlreadyInstalledError, match=re.escape(self.install_advice)):
             self.install_twice(db)
 
