@@ -106,6 +106,25 @@ def pytest_configure(config: pytest.Config) -> None:
     create_run_databases()
 
 
+# Where every test says in a one-line docstring what it proves (nodeids start with these).
+DOCUMENTED = ("tests/adapters/", "tests/examples/", "examples/")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse to run a test of DOCUMENTED that has no one-line docstring."""
+    undocumented = [
+        item.nodeid
+        for item in items
+        if isinstance(item, pytest.Function)
+        and item.nodeid.startswith(DOCUMENTED)
+        and len((item.function.__doc__ or "").strip().splitlines()) != 1
+    ]
+    if undocumented:
+        raise pytest.UsageError(
+            "Say in a one-line docstring what each test proves: " + ", ".join(undocumented)
+        )
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Count the fault-matrix cases per database; list those that failed as known."""
     matrix = sys.modules.get("tests.fault_matrix")
