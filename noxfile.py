@@ -12,10 +12,16 @@ import datetime
 import fnmatch
 import json
 import os
+import re
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import nox
@@ -285,6 +291,228 @@ def demo(session: nox.Session) -> None:
         session.run("hypercorn", "app:app", "--bind", "127.0.0.1:8000")
     else:
         session.run("uvicorn", "app:app", "--host", "127.0.0.1", "--port", "8000")
+
+
+# --- nox -s release: the distributions as a newcomer gets them ------------------------------
+DIST = ROOT / "dist"
+RELEASE_TOOLS = ["build>=1.2", "twine>=6.1"]
+_CURL = re.compile(r"^curl .*$|`(curl [^`]*localhost:8000[^`]*)`", flags=re.M)
+_SERVE = re.compile(r"`(uvicorn|hypercorn) (\w+):app`")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _check_metadata(session: nox.Session, directories: list[str]) -> None:
+    """Each wheel's metadata and each sdist's files, as an index shows and a user unpacks them."""
+    for directory in directories:
+        project = nox.project.load_toml(f"{directory}/pyproject.toml")["project"]
+        dist_name = project["name"].replace("-", "_")
+        init = next((ROOT / directory / "src").glob("*/__init__.py")).read_text()
+        version = re.search(r'^__version__ = "([^"]+)"', init, flags=re.M)
+        if version is None:
+            session.error(f"{directory}: no __version__")
+        wheel = DIST / f"{dist_name}-{version.group(1)}-py3-none-any.whl"
+        sdist = DIST / f"{dist_name}-{version.group(1)}.tar.gz"
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = archive.read(f"{dist_name}-{version.group(1)}.dist-info/METADATA").decode()
+        with tarfile.open(sdist) as archive:
+            names = archive.getnames()
+        problems = [
+            f"no Project-URL {label}"
+            for label in ("Documentation", "Source", "Issues", "Changelog")
+            if f"Project-URL: {label}, https://" not in metadata
+        ]
+        problems += [
+            f"no classifier for Python {python}"
+            for python in PYTHONS
+            if f"Classifier: Programming Language :: Python :: {python}" not in metadata
+        ]
+        problems += [f"relative link {link}" for link in re.findall(r"\]\((\.[^)]*)\)", metadata)]
+        if f"{dist_name}-{version.group(1)}/LICENSE" not in names:
+            problems.append("no LICENSE in the sdist")
+        for requirement in re.findall(r"^Requires-Dist: (alchemy-scope\S*) (.*)$", metadata, re.M):
+            if requirement[1] != "<0.2,>=0.1":
+                problems.append(f"{requirement[0]} {requirement[1]}: not the 0.1 series")
+        if problems:
+            session.error(f"{wheel.name}: {'; '.join(problems)}")
+        session.log(f"{wheel.name}, {sdist.name}: metadata, links, LICENSE and pins checked")
+
+
+def _fresh_venv(session: nox.Session, where: Path, wheels: list[str], *install: str) -> Path:
+    """A new virtual environment holding ``wheels`` from dist/ alone, then ``install``."""
+    base = str(Path(session.bin) / "python")  # the session's Python
+    session.run("uv", "venv", "-q", "--python", base, str(where), external=True)
+    python = str(where / "bin" / "python")
+    env = {"VIRTUAL_ENV": str(where)}
+    pip = ["uv", "pip", "install", "-q", "--python", python]
+    # Our distributions from the built wheels only; their third-party dependencies from the
+    # registry in the second step, which keeps what is installed.
+    session.run(
+        *pip,
+        "--no-index",
+        "--no-deps",
+        "--no-build",
+        "--find-links",
+        str(DIST),
+        *wheels,
+        env=env,
+        external=True,
+    )
+    session.run(*pip, "--find-links", str(DIST), *install, env=env, external=True)
+    return where / "bin"
+
+
+def _curls(text: str) -> list[str]:
+    """The curl commands a README shows: console lines and inline code."""
+    return [match.group(1) or match.group(0) for match in _CURL.finditer(text)]
+
+
+def _serve_and_call(
+    session: nox.Session, bin_dir: Path, cwd: Path, app: tuple[str, str], curls: list[str]
+) -> None:
+    """Start ``app`` (server, module) as the README says, run its curl commands, stop it."""
+    server, module = app
+    port = _free_port()
+    if server == "hypercorn":
+        command = [str(bin_dir / "hypercorn"), f"{module}:app", "--bind", f"127.0.0.1:{port}"]
+    else:
+        command = [str(bin_dir / "uvicorn"), f"{module}:app", "--port", str(port)]
+    log = cwd / "server.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                if process.poll() is not None:
+                    session.error(f"{' '.join(command)} exited:\n{log.read_text()}")
+                time.sleep(0.05)
+        for curl in curls:
+            args = shlex.split(curl.replace("localhost:8000", f"127.0.0.1:{port}"))
+            run = subprocess.run(
+                [
+                    args[0],
+                    "-sS",
+                    "--fail-with-body",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    *args[1:],
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=30,
+            )
+            if run.returncode != 0:
+                session.error(f"{curl}: {run.stdout} {run.stderr}\n{log.read_text()}")
+            session.log(f"{curl} -> {run.stdout}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _core_wheels(framework: str) -> list[str]:
+    """The names of our distributions an adapter needs, itself included."""
+    return ["alchemy-scope", *(f"alchemy-scope-{d.split('/')[1]}" for d in ADAPTERS[framework])]
+
+
+def _adapter_from_wheels(session: nox.Session, framework: str, work: Path) -> None:
+    """Install the adapter as its README says, from the wheels, and serve its README's app."""
+    readme = (ROOT / "adapters" / framework / "README.md").read_text()
+    install = next(
+        line.split("#")[0].split()[2:]
+        for line in readme.splitlines()
+        if line.startswith("pip install ") and " -e " not in line
+    )
+    bin_dir = _fresh_venv(session, work / "venv", _core_wheels(framework), *install)
+    app_dir = work / "app"
+    app_dir.mkdir()
+    serve = _SERVE.search(readme)
+    if serve is None:
+        session.error(f"adapters/{framework}/README.md: no `uvicorn|hypercorn module:app` line")
+    server, module = serve.groups()
+    code = re.search(r"```python\n(.*?)```", readme, flags=re.S)
+    assert code is not None
+    (app_dir / f"{module}.py").write_text(code.group(1))
+    curls = _curls(readme.split("```python", 2)[1].split("\n## ", 1)[0]) or ["curl localhost:8000/"]
+    _serve_and_call(session, bin_dir, app_dir, (server, module), curls)
+
+
+def _example_copied_out(session: nox.Session, framework: str, work: Path) -> None:
+    """Copy the example out of the checkout; install, test and serve it as its README says."""
+    copy = work / "example"
+    shutil.copytree(
+        ROOT / "examples" / framework,
+        copy,
+        ignore=shutil.ignore_patterns("__pycache__", "*.db", ".pytest_cache"),
+    )
+    readme = (copy / "README.md").read_text()
+    test_it = readme.split("## Test it", 1)[1]
+    install = next(
+        shlex.split(line.split("  #")[0])[2:]
+        for line in test_it.splitlines()
+        if line.startswith("pip install ")
+    )
+    with session.chdir(copy):  # -r requirements.txt: the copy's own
+        bin_dir = _fresh_venv(session, work / "example-venv", _core_wheels(framework), *install)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALCHEMY_SCOPE", "DATABASE"))}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env.pop("PYTHONPATH", None)
+    tests = subprocess.run(
+        [str(bin_dir / "pytest"), "-q", "-p", "no:cacheprovider"],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    summary = tests.stdout.strip().splitlines()[-1:] or ["(no output)"]
+    if tests.returncode != 0:
+        session.error(
+            f"examples/{framework} copied out: pytest failed\n{tests.stdout}{tests.stderr}"
+        )
+    session.log(f"examples/{framework} copied out: {summary[0]}")
+    serve = re.search(r"^(uvicorn|hypercorn) (\w+):app$", readme, flags=re.M)
+    assert serve is not None
+    try_it = readme.split("## Try it", 1)[1].split("\n## ", 1)[0]
+    _serve_and_call(session, bin_dir, copy, (serve.group(1), serve.group(2)), _curls(try_it))
+
+
+@nox.session(python="3.13")
+def release(session: nox.Session) -> None:
+    """Build every sdist and wheel and use them as a newcomer would, outside the checkout.
+
+    Into dist/: `python -m build` of core and each adapter, `twine check --strict`, then the
+    metadata (Project-URLs, classifiers, absolute links, LICENSE, pins). For each framework,
+    in a temporary directory: a fresh virtual environment with the adapter from the wheels
+    alone (plus the registry for third-party packages) as its README installs it, serving the
+    README's app and running its curl commands; then the example copied out, installed and
+    tested exactly as its README says (the wheels as --find-links), served, and its "Try it"
+    curl commands run against it.
+    """
+    session.install(*RELEASE_TOOLS)
+    shutil.rmtree(DIST, ignore_errors=True)
+    directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
+    for directory in directories:
+        session.run("python", "-m", "build", "-q", "--installer", "uv", "-o", str(DIST), directory)
+    session.run("twine", "check", "--strict", *sorted(str(p) for p in DIST.iterdir()))
+    _check_metadata(session, directories)
+    frameworks = session.posargs or list(ADAPTERS)
+    with tempfile.TemporaryDirectory(prefix="alchemy-scope-release-") as temporary:
+        for framework in frameworks:
+            work = Path(temporary) / framework
+            work.mkdir()
+            _adapter_from_wheels(session, framework, work)
+            _example_copied_out(session, framework, work)
 
 
 @nox.session(python="3.13")
