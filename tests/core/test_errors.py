@@ -20,13 +20,14 @@ from alchemy_scope import (
     AlchemyScopeError,
     AlreadyInstalledError,
     ConcurrentSessionUseError,
+    MissingAsyncDriverError,
     NoScopeError,
     ScopeClosedError,
     SharedConnectionBusyError,
     UnwatchedDatabaseError,
     is_database_unavailable,
 )
-from alchemy_scope._errors import DOCS_URL, MissingAsyncDriverError, _check_async_driver
+from alchemy_scope._errors import DOCS_URL, _check_async_driver
 
 
 async def _connect_error(url: str, **engine_options: object) -> BaseException:
