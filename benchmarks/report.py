@@ -1,353 +1,223 @@
-"""From the raw samples to the summary, the target checks, results.md and bench.png."""
+"""From the samples to results.md and bench.png: ratios round by round, their median and IQR."""
 
-from __future__ import annotations
-
-import statistics
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.routes import ROUTE_TITLES
-from benchmarks.variants import FRAMEWORKS, VARIANTS, variant
+from benchmarks.variants import FRAMEWORKS, LABELS, VARIANTS
+from tooling.report import spread, table
 
-DRIVERS = [
-    ("asgi", 1, "in-process ASGI, concurrency 1"),
-    ("asgi", 32, "in-process ASGI, concurrency 32"),
-    ("server", 32, "real server (uvicorn; hypercorn for Quart) under wrk, 32 connections"),
-]
-CELLS = [
-    ("ping", "sqlite"),
-    ("read", "sqlite"),
-    ("read", "postgresql"),
-    ("insert", "sqlite"),
-    ("insert", "postgresql"),
-]
-PING_MAX_ADDED_US = 1.0
-PING_MIN_RATIO = 0.97
-DATABASE_MIN_RATIO = 0.99
-
-
-def spread(values: Iterable[float]) -> dict[str, float]:
-    """Median, min, max and the quartiles (``q1``, ``q3``: the middle half of the rounds)."""
-    ordered = sorted(values)
-    q1, _, q3 = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else ordered * 3
-    return {
-        "median": statistics.median(ordered),
-        "min": ordered[0],
-        "max": ordered[-1],
-        "q1": q1,
-        "q3": q3,
-    }
+DRIVERS = [("asgi", 1), ("asgi", 32), ("server", 1), ("server", 32)]
+DRIVER_TITLES = {"asgi": "in-process ASGI", "server": "real server (uvicorn; hypercorn for Quart)"}
+TOLERANCE = 0.03  # the interquartile range wanted: within ±3 % of the median
+CELL_KEYS = ("driver", "framework", "route", "database", "concurrency")
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Add to each record its spread, and its ratio and added microseconds against its baseline.
+    """Each record with its requests per second, and its ratios to the baseline and the seed.
 
-    Ratios and added times are computed round by round (a variant against the baseline's
-    sample of the same round), then summarized.
+    Ratios are taken round by round (against the other variant's sample of the same round,
+    taken right before or after), then summarized: median, quartiles, min and max.
     """
-    baselines = {
-        (r["driver"], r["concurrency"], r["framework"], r["route"], r["database"]): r["rps"]
-        for r in records
-        if variant(r["variant"]).role == "baseline"
-    }
+    by_cell = {(*(r[k] for k in CELL_KEYS), r["variant"]): r["rps"] for r in records}
     summary = []
     for record in records:
-        base = baselines[
-            (
-                record["driver"],
-                record["concurrency"],
-                record["framework"],
-                record["route"],
-                record["database"],
+        cell = tuple(record[k] for k in CELL_KEYS)
+        ratios = {
+            f"vs_{other}": spread(
+                a / b for a, b in zip(record["rps"], by_cell[(*cell, other)], strict=True)
             )
-        ]
-        pairs = list(zip(record["rps"], base, strict=True))
-        summary.append(
-            {
-                **record,
-                "role": variant(record["variant"]).role,
-                "label": variant(record["variant"]).label,
-                "rps_spread": spread(record["rps"]),
-                "ratio": spread(mine / theirs for mine, theirs in pairs),
-                "added_us": spread(1e6 / mine - 1e6 / theirs for mine, theirs in pairs),
-            }
-        )
+            for other in ("baseline", "seed")
+        }
+        summary.append({**record, "rps_spread": spread(record["rps"]), **ratios})
     return summary
 
 
-def find(summary: list[dict[str, Any]], **wanted: Any) -> list[dict[str, Any]]:
-    """The summarized records with the given field values."""
-    return [r for r in summary if all(r[key] == value for key, value in wanted.items())]
+def _ratio(ratio: dict[str, float]) -> str:
+    wide = (ratio["q3"] - ratio["q1"]) / 2 > TOLERANCE * ratio["median"]
+    return f"{ratio['median']:.3f} [{ratio['q1']:.3f}, {ratio['q3']:.3f}]{' †' if wide else ''}"
 
 
-def check_targets(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Check every alchemy-scope record against the issue's targets.
+def _cells(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (route, database) pairs of ``records``: /ping, reads, inserts."""
+    found = {(r["route"], r["database"]) for r in records}
+    return sorted(found, key=lambda cell: (["ping", "read", "insert"].index(cell[0]), cell[1]))
 
-    On `/ping`: at most 1 us added and a ratio of at least 0.97 against the bare framework.
-    On the database routes: a ratio of at least 0.99 against the hand-written session. On
-    every route: more requests per second (median) than every alternative.
-    """
-    checks = []
-    for ours in find(summary, role="alchemy-scope"):
-        where = {k: ours[k] for k in ("driver", "concurrency", "framework", "route", "database")}
-        ratio, added = ours["ratio"]["median"], ours["added_us"]["median"]
-        if ours["route"] == "ping":
-            wanted = [
-                (
-                    f"added ≤ {PING_MAX_ADDED_US:g} µs",
-                    f"{added:+.2f} µs",
-                    added <= PING_MAX_ADDED_US,
-                ),
-                (f"ratio ≥ {PING_MIN_RATIO}", f"{ratio:.3f}", ratio >= PING_MIN_RATIO),
-            ]
-        else:
-            wanted = [
-                (f"ratio ≥ {DATABASE_MIN_RATIO}", f"{ratio:.3f}", ratio >= DATABASE_MIN_RATIO)
-            ]
-        for alternative in find(summary, role="alternative", **where):
-            mine, theirs = ours["rps_spread"]["median"], alternative["rps_spread"]["median"]
-            wanted.append(
-                (
-                    f"ahead of {alternative['label']}",
-                    f"{mine / theirs:.3f} x",
-                    mine > theirs,
+
+def _title(route: str, database: str) -> str:
+    return "/ping (no database)" if route == "ping" else f"{route}, {database}"
+
+
+HEADER = ["framework", "route, database", "rounds", "baseline req/s", "manual", "autocommit"]
+HEADER += ["seed's pattern", "manual ÷ seed", "autocommit ÷ seed"]
+
+
+def tables(summary: list[dict[str, Any]]) -> list[str]:
+    """A table per driver and concurrency: a row per framework and cell."""
+    found = {(*(r[k] for k in CELL_KEYS), r["variant"]): r for r in summary}
+    lines = []
+    for driver, concurrency in DRIVERS:
+        rows = []
+        for framework in FRAMEWORKS:
+            where = (driver, framework, concurrency)
+            mine = [r for r in summary if (r["driver"], r["framework"], r["concurrency"]) == where]
+            for route, database in _cells(mine):
+                by = {
+                    v: found[driver, framework, route, database, concurrency, v] for v in VARIANTS
+                }
+                baseline = by["baseline"]
+                rows.append(
+                    [framework, _title(route, database), len(baseline["rps"])]
+                    + [f"{baseline['rps_spread']['median']:,.0f}"]
+                    + [_ratio(by[v]["vs_baseline"]) for v in VARIANTS[1:]]
+                    + [_ratio(by[v]["vs_seed"]) for v in ("manual", "autocommit")]
                 )
-            )
-        checks += [
-            {
-                **where,
-                "variant": ours["variant"],
-                "label": ours["label"],
-                "target": target,
-                "measured": measured,
-                "met": met,
-            }
-            for target, measured, met in wanted
-        ]
-    return checks
+        if rows:
+            title = f"### {DRIVER_TITLES[driver]}, concurrency {concurrency}"
+            lines += [title, "", *table(HEADER, rows, 7), ""]
+    return lines
 
 
-def _cell_title(route: str, database: str) -> str:
-    if route == "ping":
-        return ROUTE_TITLES[route]
-    return f"{ROUTE_TITLES[route]}, {'SQLite' if database == 'sqlite' else 'PostgreSQL'}"
-
-
-def _fmt(spread_: dict[str, float], digits: int, sign: str = "") -> str:
-    median, low, high = (f"{spread_[k]:{sign}.{digits}f}" for k in ("median", "min", "max"))
-    return f"{median} ({low} … {high})"
-
-
-def markdown_tables(summary: list[dict[str, Any]]) -> str:
-    """One table per driver and route: req/s, ratio and added µs of every variant."""
-    out = []
-    for driver, concurrency, driver_title in DRIVERS:
-        out.append(f"### {driver_title}\n")
-        for route, database in CELLS:
-            rows = find(
-                summary, driver=driver, concurrency=concurrency, route=route, database=database
-            )
-            if not rows:
-                continue
-            out.append(f"**{_cell_title(route, database)}**\n")
-            out.append("| framework | variant | req/s | ratio to baseline | added µs/request |")
-            out.append("| --- | --- | ---: | ---: | ---: |")
-            for framework in FRAMEWORKS:
-                for row in find(rows, framework=framework):
-                    baseline = row["role"] == "baseline"
-                    out.append(
-                        f"| {framework} | {'**baseline**: ' if baseline else ''}{row['label']} "
-                        f"| {row['rps_spread']['median']:,.0f} "
-                        f"| {'1' if baseline else _fmt(row['ratio'], 3)} "
-                        f"| {'0' if baseline else _fmt(row['added_us'], 1, '+')} |"
-                    )
-            out.append("")
-    return "\n".join(out)
-
-
-def markdown_targets(checks: list[dict[str, Any]]) -> str:
-    """The missed targets, one row each, and a count of the met ones."""
-    missed = [c for c in checks if not c["met"]]
-    out = [f"{len(checks) - len(missed)} of {len(checks)} checks met. Missed:\n"]
-    out.append("| driver | framework | variant | route | target | measured (median) |")
-    out.append("| --- | --- | --- | --- | --- | ---: |")
-    titles = {
-        (d, c): t.split(" (")[0].split(",")[0] + (f", c={c}" if d == "asgi" else "")
-        for d, c, t in DRIVERS
-    }
-    for check in missed:
-        out.append(
-            f"| {titles[(check['driver'], check['concurrency'])]} | {check['framework']} "
-            f"| {check['label']} | {_cell_title(check['route'], check['database'])} "
-            f"| {check['target']} | {check['measured']} |"
+def _micro_rows(micro: dict[str, Any]) -> list[list[str]]:
+    bare = micro["ns_per_request"]["bare ASGI app"]
+    rows = []
+    for name, samples in micro["ns_per_request"].items():
+        added = spread(a - b for a, b in zip(samples, bare, strict=True))["median"]
+        memory = micro["memory"][name]
+        rows.append(
+            [
+                name,
+                f"{spread(samples)['median']:.0f}",
+                f"{added:+.0f}",
+                f"{memory['peak_bytes']:,}",
+                f"{memory['retained_bytes_per_request']:.3f}",
+            ]
         )
-    return "\n".join(out)
+    return rows
 
 
-def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    """Ratios to the baseline (median, with min-max whiskers) of every variant, as a PNG."""
-    import matplotlib  # noqa: PLC0415 - slow to import, and only needed here
+def _memory_rows(memory: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for run in memory:
+        rss = " ".join(f"{value / 2**20:.1f}" for _, value in run["rss"][1:])
+        growth = f"{(run['rss'][-1][1] - run['rss'][1][1]) / 1024:+.0f} KiB"
+        rows.append(
+            [
+                run["variant"],
+                rss,
+                growth,
+                f"{run['read_peak_bytes']:,}",
+                f"{run['read_retained_bytes_per_request']:.2f}",
+            ]
+        )
+    return rows
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    floor, ceiling = 0.6, 1.15
-    figure, axes = plt.subplots(
-        len(FRAMEWORKS), len(DRIVERS), figsize=(18, 16), sharey=True, squeeze=False
+def markdown(results: dict[str, Any]) -> str:
+    """results.md: how the run went, the ratio tables, our own cost alone, memory."""
+    env, micro = results["environment"], results["micro"]
+    phases = ", ".join(
+        f"{p['phase']} {p['cores_busy_outside']:.2f} ({p['seconds']:.0f} s)"
+        for p in results["phases"]
     )
-    colors = plt.get_cmap("tab10")
-    for row, framework in enumerate(FRAMEWORKS):
-        others = [v for v in VARIANTS if v.framework == framework and v.role != "baseline"]
-        for column, (driver, concurrency, driver_title) in enumerate(DRIVERS):
-            ax = axes[row][column]
-            width = 0.8 / max(1, len(others))
-            for index, other in enumerate(others):
-                xs, medians, lows, highs = [], [], [], []
-                for position, (route, database) in enumerate(CELLS):
-                    found = find(
-                        summary,
-                        driver=driver,
-                        concurrency=concurrency,
-                        variant=other.key,
-                        route=route,
-                        database=database,
-                    )
-                    if found:
-                        ratio = found[0]["ratio"]
-                        xs.append(position - 0.4 + width * (index + 0.5))
-                        medians.append(ratio["median"])
-                        lows.append(ratio["q1"])
-                        highs.append(ratio["q3"])
-                clipped = [min(max(m, floor), ceiling) for m in medians]
-                ax.errorbar(
-                    xs,
-                    clipped,
-                    yerr=[
-                        [max(0.0, c - max(lo, floor)) for c, lo in zip(clipped, lows, strict=True)],
-                        [
-                            max(0.0, min(hi, ceiling) - c)
-                            for c, hi in zip(clipped, highs, strict=True)
-                        ],
-                    ],
-                    fmt="v" if other.role == "alternative" else "o",
-                    color=colors(index),
-                    label=other.label,
-                    capsize=2,
-                )
-                for x, median in zip(xs, medians, strict=True):
-                    if median < floor or median > ceiling:
-                        ax.annotate(
-                            f"{median:.2f}",
-                            (x, min(max(median, floor), ceiling)),
-                            textcoords="offset points",
-                            xytext=(0, 6 if median < floor else -12),
-                            ha="center",
-                            fontsize=7,
-                            color=colors(index),
-                        )
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.axhline(DATABASE_MIN_RATIO, color="grey", linewidth=0.6, linestyle=":")
-            ax.axhline(PING_MIN_RATIO, color="grey", linewidth=0.6, linestyle="--")
-            ax.set_ylim(floor - 0.02, ceiling)
-            ax.set_xticks(range(len(CELLS)))
-            ax.set_xticklabels([f"{r}\n{'' if r == 'ping' else d}" for r, d in CELLS], fontsize=8)
-            ax.grid(axis="y", alpha=0.3)
-            if row == 0:
-                ax.set_title(driver_title.split(" (")[0].split(" under")[0], fontsize=10)
-            if column == 0:
-                ax.set_ylabel(f"{framework}\nreq/s ÷ baseline")
-            if column == len(DRIVERS) - 1:
-                ax.legend(fontsize=7, loc="lower right")
-    figure.suptitle(
-        "Requests per second relative to the same framework with a session opened in each "
-        "handler (median of the rounds, whiskers the middle half of them; dashed 0.97, "
-        "dotted 0.99)",
-        fontsize=11,
-    )
-    figure.tight_layout(rect=(0, 0, 1, 0.97))
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-
-
-def results_markdown(results: dict[str, Any]) -> str:
-    """results.md: how the run went, the micro-benchmark, the tables, the targets, memory."""
-    env = results["environment"]
+    rounds = len(micro["ns_per_request"]["bare ASGI app"])
     lines = [
         "# alchemy-scope benchmark results",
         "",
-        f"`{results['command']}`, started {results['started']}, {results['seconds']} s. "
-        f"Python {env['python']} on {env['cpu']} ({env['cores']} cores), {env['platform']}. "
+        f"`{results['command']}`, started {results['started']}, {results['seconds']} s, at "
+        f"{results['revision']}. Python {env['python']} on {env['cpu']} ({env['cores']} cores). "
         f"Load generator: {env['load_generator']}. Databases: "
         + "; ".join(f"{k} {v}" for k, v in env["databases"].items())
         + ".",
         "",
         "Packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + ".",
         "",
-        "## How quiet the machine was",
+        "Cores busy outside the run, per phase (the machine's busy CPU time minus this run's; "
+        f"PostgreSQL's work for the run included): {phases}.",
         "",
-        "Cores busy outside the run: the machine's busy CPU time during the phase minus that "
-        "of this run's own processes, per second (2 cores in all). It includes the PostgreSQL "
-        "server working for the run.",
+        "## Requests per second against the framework's baseline and the seed's pattern",
         "",
-        "| phase | seconds | cores busy outside the run | load average before (1, 5, 15 min) "
-        "| after |",
-        "| --- | ---: | ---: | --- | --- |",
-        *(
-            f"| {p['phase']} | {p['seconds']} | {p['cores_busy_outside']:.2f} "
-            f"| {p['load_average_before']} | {p['load_average_after']} |"
-            for p in results["phases"]
-        ),
+        "Each cell: the median of the round-by-round ratios [interquartile range]; † marks an "
+        f"interquartile range wider than ±{TOLERANCE:.0%} of the median. `manual ÷ seed` above "
+        "1: alchemy-scope is faster than the seed's bare pattern. Pools: sqlite 1 connection, "
+        "postgresql 32, postgresql-pool8 8 (at concurrency 32, requests wait for connections).",
         "",
+        *tables(results["records"]),
         "## Our own cost: ScopeMiddleware around an ASGI app that answers at once",
         "",
-        f"{results['micro']['calls_per_round']:,} calls per round, "
-        f"{len(next(iter(results['micro']['ns_per_request'].values())))} rounds.",
+        f"{micro['calls_per_round']:,} calls per round, {rounds} rounds (median).",
         "",
-        "| app | ns per request | added to the bare app | blocks held during a request "
-        "| bytes held | bytes retained per request |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    micro = results["micro"]["ns_per_request"]
-    bare = micro["bare ASGI app"]
-    bare_memory = results["micro"]["memory"]["bare ASGI app"]
-    for name, samples in micro.items():
-        added = spread(mine - theirs for mine, theirs in zip(samples, bare, strict=True))
-        held = results["micro"]["memory"][name]
-        blocks = held["blocks_held_during_request"] - bare_memory["blocks_held_during_request"]
-        size = held["bytes_held_during_request"] - bare_memory["bytes_held_during_request"]
-        lines.append(
-            f"| {name} | {_fmt(spread(samples), 0)} | {_fmt(added, 0, '+')} "
-            f"| {blocks:+d} | {size:+d} | {held['bytes_retained_per_request']:.3f} |"
-        )
-    lines += [
-        "",
-        "## Requests per second, ratio and added time against the bare framework",
-        "",
-        "Median over the rounds, (min … max) in brackets. Ratio and added µs are computed "
-        "round by round against the baseline's sample of the same round. At concurrency 32 and "
-        "behind a server, added µs is 1/throughput minus the baseline's: CPU time per request.",
-        "",
-        markdown_tables(results["records"]),
-        "## Targets",
-        "",
-        markdown_targets(results["targets"]),
+        *table(
+            [
+                "app",
+                "ns per request",
+                "added to the bare app",
+                "peak bytes in a request",
+                "bytes retained per request",
+            ],
+            _micro_rows(micro),
+            4,
+        ),
         "",
         "## Memory (Starlette, SQLite, in-process, concurrency 1)",
         "",
-        "Requests cycle through 8 `GET /ping`, 1 read, 1 insert. RSS in MiB at each tenth of "
-        "the run; then, under tracemalloc, the read route alone.",
+        "Requests cycle through 8 `GET /ping`, 1 read, 1 insert; RSS (MiB) at each tenth of the "
+        "run; then, under tracemalloc, the read route alone.",
         "",
-        "| variant | RSS after each tenth (MiB) | growth after the first tenth "
-        "| read: peak bytes in a request | read: bytes retained per request |",
-        "| --- | --- | ---: | ---: | ---: |",
+        *table(
+            [
+                "variant",
+                "RSS after each tenth (MiB)",
+                "growth after the first tenth",
+                "read: peak bytes",
+                "read: bytes retained per request",
+            ],
+            _memory_rows(results["memory"]),
+            3,
+        ),
+        "",
     ]
-    for run in results["memory"]:
-        rss = [value / 2**20 for _, value in run["rss"]]
-        lines.append(
-            f"| {run['variant']} | {' '.join(f'{v:.1f}' for v in rss[1:])} "
-            f"| {(run['rss'][-1][1] - run['rss'][1][1]) / 1024:+.0f} KiB "
-            f"| {run['read_peak_bytes']:,} | {run['read_retained_bytes_per_request']:.2f} |"
-        )
-    lines.append("")
     return "\n".join(lines)
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """The ratios to the baseline (median, whiskers the interquartile range) as a PNG."""
+    import matplotlib  # noqa: PLC0415 - slow to import, needed only here
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    low, high = 0.5, 1.3
+    figure, axes = plt.subplots(4, len(DRIVERS), figsize=(20, 14), sharey=True, squeeze=False)
+    for row, framework in enumerate(FRAMEWORKS):
+        for column, (driver, concurrency) in enumerate(DRIVERS):
+            ax, where = axes[row][column], (framework, driver, concurrency)
+            mine = [r for r in summary if (r["framework"], r["driver"], r["concurrency"]) == where]
+            cells = _cells(mine)
+            for index, variant in enumerate(VARIANTS[1:]):
+                found = {(r["route"], r["database"]): r for r in mine if r["variant"] == variant}
+                ratios = [found[cell]["vs_baseline"] for cell in cells]
+                medians = [min(max(ratio["median"], low), high) for ratio in ratios]
+                below = [max(0, m - r["q1"]) for m, r in zip(medians, ratios, strict=True)]
+                above = [max(0, r["q3"] - m) for m, r in zip(medians, ratios, strict=True)]
+                xs = [x + (index - 1) * 0.2 for x in range(len(cells))]
+                ax.errorbar(xs, medians, yerr=[below, above], fmt="o", capsize=2,
+                            label=LABELS[variant], color=f"C{index}")  # fmt: skip
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.axhline(0.99, color="grey", linewidth=0.6, linestyle=":")
+            ax.set_ylim(low, high)
+            ax.set_xlim(-0.5, max(len(cells), 1) - 0.5)
+            ax.set_xticks(range(len(cells)), [_title(*c).replace(", ", "\n") for c in cells])
+            ax.tick_params(axis="x", labelsize=7)
+            ax.grid(axis="y", alpha=0.3)
+            if row == 0:
+                ax.set_title(f"{DRIVER_TITLES[driver].split(' (')[0]}, concurrency {concurrency}")
+            if column == 0:
+                ax.set_ylabel(f"{framework}\nreq/s ÷ baseline")
+    axes[0][-1].legend(fontsize=8, loc="upper right")
+    figure.suptitle(
+        "Requests per second ÷ the same framework's session-per-handler baseline "
+        "(median of the round-by-round ratios, whiskers the interquartile range; dotted 0.99)"
+    )
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
+    figure.savefig(path, dpi=80)
+    plt.close(figure)

@@ -1,269 +1,216 @@
-"""The real-server driver: each variant served on 127.0.0.1 and loaded by `wrk`.
+"""The real-server driver: each variant in a server process of its own, loaded over TCP.
 
-Each variant runs in its own uvicorn (hypercorn for Quart) process; without `wrk`, the async
-client of `benchmarks.httpclient` generates the load. For each framework and database, the
-servers of every variant run side by side; each round loads every route once per variant,
-the variants in a new random order. On PostgreSQL a server's pool is filled just before its
-turn and emptied just after it (SIGUSR1), so that the idle servers hold no connections
-(PostgreSQL allows 100).
+`python -m benchmarks.server FRAMEWORK VARIANT DATABASE URL` serves one variant (uvicorn with
+httptools, or hypercorn for Quart; uvloop; no access log) through
+:func:`tooling.servers.serve_until_signalled`. :func:`measure` runs the four servers of one
+framework and database configuration side by side and loads them cell by cell with `wrk`
+(or, without it, :func:`hammer`). On PostgreSQL a server's pool is filled just before its
+turn and emptied just after it (``POST /__dispose``), so that idle servers hold no
+connections (PostgreSQL allows 100).
 """
 
-from __future__ import annotations
-
 import asyncio
-import random
+import itertools
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy.engine import make_url
+import uvloop
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from benchmarks.httpclient import hammer, wait_until_serving
-from benchmarks.routes import PING, ROUTES, BenchRoute
-from benchmarks.variants import Variant, variants_of
+from benchmarks.variants import (
+    POOLS,
+    ROUTES,
+    SERVERS,
+    VARIANTS,
+    Cell,
+    Route,
+    build,
+    engine,
+    interleaved,
+    records,
+)
+from tooling.servers import ServerProcess, serve_until_signalled
 
-ROOT = Path(__file__).resolve().parent.parent
-CONNECTIONS = 32
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass
-class Server:
-    """A variant's server process and its port."""
-
-    port: int
-    process: subprocess.Popen[bytes]
-
-    def empty_pool(self) -> None:
-        """Have the server close its pooled connections; wait until it has."""
-        self.process.send_signal(signal.SIGUSR1)  # the server disposes its engine
-        assert self.process.stdout is not None
-        answer = self.process.stdout.readline()
-        if answer != b"disposed\n":
-            raise RuntimeError(f"the server on port {self.port} did not empty its pool: {answer!r}")
+OPTIONS = {"uvicorn": {"http": "httptools", "ws": "none", "access_log": False}, "hypercorn": {}}
 
 
-@contextmanager
-def servers(variants: list[Variant], database_url: str) -> Iterator[dict[str, Server]]:
-    """Run a server per variant; yield them by variant key; stop them all at the end."""
-    running: dict[str, Server] = {}
-    try:
-        for variant in variants:
-            port = free_port()
-            command = [sys.executable, "-m", "benchmarks.serve", variant.key, database_url]
-            running[variant.key] = Server(
-                port, subprocess.Popen([*command, str(port)], cwd=ROOT, stdout=subprocess.PIPE)
-            )
-        for server in running.values():
-            asyncio.run(wait_until_serving(PING, server.port))
-        yield running
-    finally:
-        processes = [server.process for server in running.values()]
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+class Disposing:
+    """The app, and ``POST /__dispose``: wait until no connection is checked out, dispose."""
+
+    def __init__(self, app: Any, engine: AsyncEngine) -> None:
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/__dispose":
+            return await self.app(scope, receive, send)
+        # Requests the load generator gave up on may still hold connections; a disposed pool
+        # would keep those open until it is garbage-collected.
+        for _ in range(3000):
+            if self.engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.01)
+        await self.engine.dispose()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return None
 
 
-class Wrk:
-    """`wrk -t1 -c32` against one server: the requests per second of one run."""
-
-    def __init__(self, seconds: int, scripts: Path) -> None:
-        self.seconds = seconds
-        self.post_script = scripts / "post.lua"
-        self.post_script.write_text(
-            'wrk.method = "POST"\n'
-            'wrk.body = \'{"name": "bench"}\'\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-        )
-
-    def load(self, route: BenchRoute, port: int) -> float:
-        """Load ``route`` for the configured seconds; return requests per second.
-
-        Raises:
-            RuntimeError: wrk failed, or some responses had another status than the route's.
-        """
-        command = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{self.seconds}s"]
-        if route.method == "POST":
-            command += ["-s", str(self.post_script)]
-        command.append(f"http://127.0.0.1:{port}{route.path}")
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        if "Non-2xx" in output or "Socket errors" in output:
-            raise RuntimeError(f"{route.method} {route.path} on port {port} failed:\n{output}")
-        match = re.search(r"Requests/sec:\s+([\d.]+)", output)
-        if match is None:
-            raise RuntimeError(f"could not read wrk's output:\n{output}")
-        return float(match.group(1))
+def raw_request(route: Route, port: int) -> bytes:
+    """The bytes of ``route``'s request."""
+    head = f"{route.method} {route.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    if route.body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(route.body)}\r\n"
+    return head.encode() + b"\r\n" + route.body
 
 
-class PythonLoad:
-    """The fallback load generator: `benchmarks.httpclient.hammer` with 32 connections."""
+async def hammer(
+    route: Route, port: int, connections: int, *, requests: int = 0, seconds: float = 0
+) -> tuple[int, int, float]:
+    """``connections`` keep-alive connections each send ``requests`` (or for ``seconds``).
 
-    def __init__(self, seconds: int) -> None:
-        self.seconds = seconds
-
-    def load(self, route: BenchRoute, port: int) -> float:
-        """Load ``route`` for the configured seconds; return requests per second."""
-        sent, errors, elapsed = asyncio.run(hammer(route, port, CONNECTIONS, seconds=self.seconds))
-        if errors:
-            raise RuntimeError(f"{errors} of {sent} responses of {route.path} failed")
-        return sent / elapsed
-
-
-def warm(route: BenchRoute, port: int, requests_per_connection: int) -> None:
-    """Send a few requests over 32 connections: code paths warm, the pool full."""
-    _, errors, _ = asyncio.run(hammer(route, port, CONNECTIONS, requests=requests_per_connection))
-    if errors:
-        raise RuntimeError(f"{route.method} {route.path} on port {port} failed while warming")
-
-
-def measure_group(
-    variants: list[Variant],
-    database_url: str,
-    routes: list[BenchRoute],
-    *,
-    loader: Wrk | PythonLoad,
-    rounds: int,
-    shuffler: random.Random,
-) -> dict[tuple[str, str], list[float]]:
-    """Serve every variant of one framework on one database; load each route round by round.
-
-    Returns:
-        Requests per second, one sample per round, by (route name, variant key).
+    Our own client, not httpx or aiohttp: on a shared 2-core machine the load generator
+    competes with the server for the CPU, and those spend several times the server's CPU time
+    per request parsing and pooling. This one writes fixed bytes and reads the status line,
+    the headers and a Content-Length or chunked body. Returns the responses, how many had
+    another status than the route's, and the seconds.
     """
-    pooled = make_url(database_url).get_backend_name() == "postgresql"
-    samples: dict[tuple[str, str], list[float]] = {}
-    with servers(variants, database_url) as running:
-        for server in running.values():
-            for route in routes:
-                retrying(lambda server=server, route=route: warm(route, server.port, 5))
-            if pooled:
-                server.empty_pool()
-        for _ in range(rounds):
-            for route in routes:
-                order = variants[:]
-                shuffler.shuffle(order)
-                for variant in order:
-                    rps = load_with_retries(running[variant.key], route, loader, pooled=pooled)
-                    samples.setdefault((route.name, variant.key), []).append(rps)
-    return samples
+    raw, counts = raw_request(route, port), [0, 0]
+    started = time.perf_counter()
 
-
-T = TypeVar("T")
-ATTEMPTS = 6
-
-
-def retrying(work: Callable[[], T]) -> T:
-    """Run ``work()``; when it fails, wait 10 s and run it again, up to 6 times in all.
-
-    The PostgreSQL server is shared with whatever else runs on the machine: when it has no
-    connection left for a moment, requests fail (a 500, or a connection reset).
-    """
-    for attempt in range(1, ATTEMPTS + 1):
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            return work()
-        except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
-            if attempt == ATTEMPTS:
-                raise
-            print(f"{error!r}\nretrying in 10 s", file=sys.stderr, flush=True)
-            time.sleep(10)
-    raise AssertionError("unreachable")
-
-
-def load_with_retries(
-    server: Server, route: BenchRoute, loader: Wrk | PythonLoad, *, pooled: bool
-) -> float:
-    """Load one server on one route, retrying; on PostgreSQL fill its pool first, empty it after."""
-
-    def load() -> float:
-        try:
-            if pooled and route.uses_database:
-                warm(route, server.port, 2)  # fills the pool
-            return loader.load(route, server.port)
+            sent = 0
+            while (sent < requests) if requests else (time.perf_counter() < started + seconds):
+                writer.write(raw)
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+                if match := re.search(r"content-length: *(\d+)", head):
+                    await reader.readexactly(int(match[1]))
+                elif "chunked" in head:
+                    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                        await reader.readexactly(size + 2)
+                    await reader.readexactly(2)
+                sent += 1
+                counts[0] += 1
+                counts[1] += int(head.split(" ", 2)[1]) != route.status
         finally:
-            if pooled:
-                server.empty_pool()
+            writer.close()
 
-    return retrying(load)
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    return counts[0], counts[1], time.perf_counter() - started
 
 
-def measure(
-    frameworks: list[str],
-    databases: dict[str, str],
-    *,
-    rounds: int,
-    seconds: int,
-    seed: int,
-    only: list[tuple[str, str]] | None = None,
-) -> tuple[list[dict[str, Any]], str]:
-    """Measure every variant of ``frameworks`` behind a real server.
+async def wrk(route: Route, port: int, connections: int, seconds: float, scripts: Path) -> float:
+    """Requests per second of `wrk -t1 -cN` on ``route`` for ``seconds`` (whole seconds)."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s"]
+    if route.body:
+        script = scripts / "post.lua"
+        body = route.body.decode()
+        headers = 'wrk.headers["Content-Type"] = "application/json"'
+        script.write_text(f"wrk.method = \"{route.method}\"\nwrk.body = '{body}'\n{headers}\n")
+        command += ["-s", str(script)]
+    process = await asyncio.create_subprocess_exec(
+        *command, f"http://127.0.0.1:{port}{route.path}", stdout=subprocess.PIPE
+    )
+    output = (await process.communicate())[0].decode()
+    found = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if process.returncode or "Non-2xx" in output or "Socket errors" in output or found is None:
+        raise RuntimeError(f"{route.method} {route.path} on port {port} failed:\n{output}")
+    return float(found[1])
 
-    Args:
-        frameworks: The frameworks to measure.
-        databases: Database name -> URL; ``/ping`` is measured on the first one only.
-        rounds: How many times each variant is loaded on each route.
-        seconds: How long each load lasts.
-        seed: Seeds the order of the variants in each round.
-        only: Only these (route name, database name) pairs, when given.
 
-    Returns:
-        One record per variant, route and database, and the load generator's name.
-    """
-    with tempfile.TemporaryDirectory() as scripts:
-        if shutil.which("wrk"):
-            loader: Wrk | PythonLoad = Wrk(seconds, Path(scripts))
-            generator = "wrk -t1 -c32"
-        else:
-            loader = PythonLoad(seconds)
-            generator = "benchmarks.httpclient (wrk not found), 32 connections"
-        shuffler = random.Random(seed)
-        first_database = next(iter(databases))
-        records = []
-        for framework in frameworks:
-            variants = variants_of(framework)
-            for database, url in databases.items():
-                routes = [
-                    route
-                    for route in ROUTES
-                    if (route.uses_database or database == first_database)
-                    and (only is None or (route.name, database) in only)
-                ]
-                if not routes:
-                    continue
-                samples = measure_group(
-                    variants, url, routes, loader=loader, rounds=rounds, shuffler=shuffler
+DISPOSE = Route("dispose", "POST", "/__dispose", b"", 200)
+
+
+class Group:
+    """The servers of every variant of one framework on one database configuration."""
+
+    def __init__(self, framework: str, database: str, url: str, settings: dict[str, Any]) -> None:
+        self.pooled, self.seconds = database.startswith("postgresql"), settings["server_seconds"]
+        self.wrk = bool(shutil.which("wrk")) and self.seconds >= 1  # wrk takes whole seconds
+        self.servers = {
+            variant: ServerProcess("benchmarks.server", framework, variant, database, url)
+            for variant in VARIANTS
+        }
+        for server in self.servers.values():
+            server.wait_until_listening()
+
+    async def send(self, route: Route, port: int, connections: int, each: int) -> float:
+        """``each`` requests on each of ``connections``; requests per second."""
+        sent, errors, seconds = await hammer(route, port, connections, requests=each)
+        if errors:
+            raise RuntimeError(f"{errors} of {sent} responses of {route.path} on {port} failed")
+        return sent / seconds
+
+    async def sample(self, variant: str, cell: Cell, scripts: Path) -> float:
+        """One sample, tried again 10 s later when it fails (PostgreSQL is shared: it may be full).
+
+        Warm first (code paths, and on PostgreSQL the pool filled); empty the pool after.
+        """
+        route, port = ROUTES[cell.route], self.servers[variant].port
+        for attempt in range(6):
+            try:
+                await self.send(route, port, 32, 1 if route.name == "ping" else 5)
+                if self.wrk:
+                    return await wrk(route, port, cell.concurrency, self.seconds, scripts)
+                sent, errors, seconds = await hammer(
+                    route, port, cell.concurrency, seconds=self.seconds
                 )
-                records += [
-                    {
-                        "driver": "server",
-                        "concurrency": CONNECTIONS,
-                        "framework": framework,
-                        "variant": variant.key,
-                        "route": route.name,
-                        "database": database,
-                        "seconds_per_round": seconds,
-                        "rps": samples[(route.name, variant.key)],
-                    }
-                    for route in routes
-                    for variant in variants
-                ]
-        return records, generator
+                if errors:
+                    raise RuntimeError(f"{errors} of {sent} responses of {route.path} failed")
+                return sent / seconds
+            except (RuntimeError, OSError) as error:
+                if attempt == 5:
+                    raise
+                print(f"{error!r}\nretrying in 10 s", file=sys.stderr, flush=True)
+                await asyncio.sleep(10)
+            finally:
+                if self.pooled:
+                    await self.send(DISPOSE, port, 1, 1)
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+
+def measure(frameworks: list[str], settings: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """Every framework on every configuration; the records and the load generator's name."""
+    found, generator = [], "wrk -t1"
+    for framework, (database, url) in itertools.product(frameworks, settings["databases"].items()):
+        cells = [Cell(**c) for c in settings["server_cells"] if c["database"] == database]
+        if not cells:
+            continue
+        group = Group(framework, database, url, settings)
+        try:
+            with tempfile.TemporaryDirectory() as scripts:
+                for cell in cells:
+
+                    async def sample(variant: str, cell: Cell = cell) -> float:
+                        return await group.sample(variant, cell, Path(scripts))  # noqa: B023
+
+                    samples = asyncio.run(interleaved(sample, settings["server_rounds"]))
+                    found += records("server", framework, cell, samples, seconds=group.seconds)
+            generator = "wrk -t1" if group.wrk else "benchmarks.server.hammer"
+        finally:
+            group.stop()
+    return found, generator
+
+
+if __name__ == "__main__":
+    framework, variant, database, url = sys.argv[1:]
+
+    async def serve() -> None:
+        bound = engine(database, url)
+        app = Disposing(build(framework, variant, bound), bound)
+        server = SERVERS[framework]
+        await serve_until_signalled(app, server, **OPTIONS[server])
+
+    assert database in POOLS
+    uvloop.run(serve())
