@@ -517,11 +517,12 @@ def release(session: nox.Session) -> None:
 
 @nox.session(python="3.13")
 def bench(session: nox.Session) -> None:
-    """Benchmarks (not in `tests`, not in CI): each adapter against its bare framework.
+    """Benchmarks (not in `tests`, not in CI): both policies against the framework and the seed.
 
-    Writes benchmarks/results/ and takes about 10 minutes; `nox -s bench -- --quick` is a
-    one-minute smoke run that writes benchmarks/results/quick/. PostgreSQL from
-    ALCHEMY_SCOPE_BENCH_POSTGRES (default postgresql+asyncpg://postgres@127.0.0.1:5432/test).
+    Writes benchmarks/results/ and takes about 80 minutes on a quiet machine;
+    `nox -s bench -- --quick` is a smoke run of a minute or two that writes
+    benchmarks/results/quick/. PostgreSQL from ALCHEMY_SCOPE_BENCH_POSTGRES (default
+    postgresql+asyncpg://postgres@127.0.0.1:5432/test).
     """
     directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
     session.install(
