@@ -3,7 +3,7 @@
 ``<!-- include PATH -->`` on a line of its own is replaced by that file (its headings one level
 down, its relative links made absolute); ``<!-- lifecycle-table -->`` by the lifecycle table
 in the docstring of ``alchemy_scope._lifecycle``; the benchmark plot is served as
-``assets/bench.png``.
+``assets/bench.png``. Sphinx roles in docstrings are dropped.
 """
 
 from __future__ import annotations
@@ -44,24 +44,33 @@ def _joined(base: str, link: str) -> str:
 
 
 def lifecycle_table() -> str:
-    """The lifecycle table of ``alchemy_scope._lifecycle``, or a marked placeholder."""
+    """The lifecycle table of ``alchemy_scope._lifecycle`` with its notes, or a placeholder."""
     docstring = ast.get_docstring(ast.parse(LIFECYCLE.read_text())) if LIFECYCLE.exists() else None
-    if not docstring or "=====" not in docstring:
+    lines = (docstring or "").splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+    if first is None:
         return (
             '!!! warning "Placeholder"\n\n'
             "    The lifecycle table is written in the docstring of `alchemy_scope._lifecycle`;\n"
             "    this page shows it once that module is in the repository.\n"
         )
-    table = docstring[docstring.index("=====") :]
-    table = re.sub(r"\\ :sup:`(\d)`", r"⁽\1⁾", table)
-    table = re.sub(r":\w+:`([^`]+)`", r"\1", table).replace("``", "`")
-    return f"```text\n{table.rstrip()}\n```\n"
+    text = "\n".join(lines[first:])  # the table, its numbered notes, the closing paragraph
+    text = re.sub(r":(?:func|class|meth|attr|exc|mod|data|obj):`([^`]+)`", r"`\1`", text)
+    return text.replace("``", "`") + "\n"
 
 
 def on_page_markdown(markdown: str, **_: Any) -> str:
     """Replace the include markers of a page."""
     markdown = _INCLUDE.sub(lambda m: included(m.group(1)), markdown)
     return markdown.replace("<!-- lifecycle-table -->", lifecycle_table())
+
+
+_RST_ROLE = re.compile(r":(?:func|class|meth|attr|exc|mod|data|obj):(?=<code>)")
+
+
+def on_page_content(html: str, **_: Any) -> str:
+    """Drop the Sphinx roles some docstrings use (``:func:`scope```): the name stays as code."""
+    return _RST_ROLE.sub("", html)
 
 
 def on_files(files: Files, config: Any) -> Files:

@@ -217,3 +217,16 @@ def test_long_descriptions_link_absolutely(readme: str) -> None:
     """A README is a distribution's page on the package index: relative links are dead there."""
     relative = re.findall(r"\]\((?!https?://|#)([^)]+)\)", (ROOT / readme).read_text())
     assert not relative, f"{readme}: relative links {relative}"
+
+
+def test_commit_policies_page_shows_the_lifecycle_table() -> None:
+    """The table comes from alchemy_scope._lifecycle's docstring, not the placeholder."""
+    sys.path.insert(0, str(DOCS))
+    try:
+        import hooks
+    finally:
+        sys.path.remove(str(DOCS))
+    table = hooks.lifecycle_table()
+    assert "Placeholder" not in table
+    assert "response start" in table
+    assert ":sup:" not in table
