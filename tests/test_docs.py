@@ -19,6 +19,8 @@ import sqlite3
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,7 @@ def _imports(code: str) -> set[str]:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A directory to run in, on sys.path; the modules the blocks import are forgotten after."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -164,7 +166,7 @@ def test_alembic_recipe_migrates(tmp_path: Path) -> None:
     _write_titled(DOCS / "recipes" / "alembic.md", tmp_path)
     run("revision", "--autogenerate", "-m", "todos")
     run("upgrade", "head")
-    with sqlite3.connect(tmp_path / "app.db") as conn:
+    with closing(sqlite3.connect(tmp_path / "app.db")) as conn:  # (its own `with` only commits)
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"todos", "alembic_version"} <= tables
 
@@ -221,11 +223,11 @@ def test_long_descriptions_link_absolutely(readme: str) -> None:
 
 def test_commit_policies_page_shows_the_lifecycle_table() -> None:
     """The table comes from alchemy_scope._lifecycle's docstring, not the placeholder."""
-    sys.path.insert(0, str(DOCS))
-    try:
-        import hooks
-    finally:
-        sys.path.remove(str(DOCS))
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    assert spec is not None
+    assert spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
     table = hooks.lifecycle_table()
     assert "Placeholder" not in table
     assert "response start" in table
