@@ -11,6 +11,7 @@ installed (ALCHEMY_SCOPE_DOCS=1: nothing may be skipped); elsewhere it skips wha
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import inspect
 import os
@@ -232,3 +233,23 @@ def test_commit_policies_page_shows_the_lifecycle_table() -> None:
     assert "Placeholder" not in table
     assert "response start" in table
     assert ":sup:" not in table
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        "alchemy_scope",
+        "alchemy_scope_starlette",
+        "alchemy_scope_fastapi",
+        "alchemy_scope_litestar",
+        "alchemy_scope_quart",
+    ],
+)
+def test_api_reference_covers_every_public_name(package: str) -> None:
+    _require(package)
+    module = importlib.import_module(package)
+    listed = set(re.findall(r"^::: (\S+)$", (DOCS / "api.md").read_text(), flags=re.M))
+    missing = [name for name in module.__all__ if f"{package}.{name}" not in listed]
+    if package == "alchemy_scope_fastapi":  # re-exported from the Starlette integration
+        missing.remove("lifespan_disposing")
+    assert not missing, f"docs/api.md lacks {missing}"
