@@ -14,7 +14,7 @@ import uvloop
 
 from benchmarks.variants import ROUTES, build, engine
 from tooling.asgi import Request, lifespan
-from tooling.memory import rss_bytes, traced
+from tooling.memory import soak, traced
 
 CYCLE = ["ping"] * 8 + ["read", "insert"]
 
@@ -24,17 +24,21 @@ async def measure(framework: str, variant: str, url: str, requests: int) -> dict
     app = build(framework, variant, bound)
     calls = [Request(ROUTES[name].method, ROUTES[name].path, ROUTES[name].body) for name in CYCLE]
     async with lifespan(app) as state:
-        rss, every = [(0, rss_bytes())], max(1, requests // len(CYCLE) // 10)
-        for cycle in range(1, requests // len(CYCLE) + 1):
-            for call in calls:
-                await call(app, state)
-            if cycle % every == 0:
-                rss.append((cycle * len(CYCLE), rss_bytes()))
+
+        async def send(index: int) -> int:
+            return (await calls[index % len(calls)](app, state))[0]
+
+        rss, _ = await soak(send, requests, max(1, requests // 10))
         reads = max(1000, requests // 50)
         peak, retained = await traced(lambda: calls[8](app, state), reads)
     await bound.dispose()
-    return {"variant": f"{framework}/{variant}", "requests": requests, "rss": rss,
-            "read_peak_bytes": peak, "read_retained_bytes_per_request": retained}  # fmt: skip
+    return {
+        "variant": f"{framework}/{variant}",
+        "requests": requests,
+        "rss": rss,
+        "read_peak_bytes": peak,
+        "read_retained_bytes_per_request": retained,
+    }
 
 
 if __name__ == "__main__":

@@ -373,8 +373,9 @@ async def failed_commits(target: Target) -> Result:
     async def work(client: httpx.AsyncClient, index: int) -> None:
         nonlocal refused
         valid = index % 2 == 0
-        name = f"child {index}"
-        answer = await send(client, tally, "POST", f"/__deferred/{name}?valid={int(valid)}")
+        name = f"child-{index}"
+        path = f"/__harness/deferred?name={name}&valid={int(valid)}"
+        answer = await send(client, tally, "POST", path)
         if valid and answer.status == 201:
             target.children[name] = True
         elif not valid and answer.status is not None and answer.status >= 500:
@@ -402,7 +403,7 @@ async def isolation(target: Target) -> Result:
 
     async def work(client: httpx.AsyncClient, _index: int) -> None:
         tenant = tenant_name(rng.randrange(TENANTS))
-        answer = await send(client, target.tally, "GET", f"/__tenant/{tenant}")
+        answer = await send(client, target.tally, "GET", f"/__harness/tenant?tenant={tenant}")
         if answer.status != 200:
             result.failures.add(f"tenant {tenant}: {answer.outcome}")
             return
@@ -436,7 +437,9 @@ async def pool_exhausted(target: Target) -> Result:
     limit = POOL_TIMEOUT + 2.0  # the pool timeout plus the time to answer
     async with httpx.AsyncClient(base_url=target.base_url, timeout=60) as slow_client:
         slow = [
-            asyncio.create_task(send(slow_client, tally, "GET", f"/__slow?seconds={SLOW_SECONDS}"))
+            asyncio.create_task(
+                send(slow_client, tally, "GET", f"/__harness/slow?seconds={SLOW_SECONDS}")
+            )
             for _ in range(POOL_SIZE)
         ]
         await asyncio.sleep(0.5)

@@ -7,87 +7,61 @@ do not (422s, health checks). RSS is sampled every 2,500 requests; the growth re
 from the end of the warm-up to the end. The result is one JSON line on stdout.
 """
 
-from __future__ import annotations
-
 import asyncio
 import json
 import random
 import sys
-from collections import Counter
 from typing import Any
 
 from tooling.asgi import Request, lifespan
-from tooling.memory import rss_bytes
+from tooling.memory import soak
 
 from .serve import load_example, registry_size
 
 CONCURRENCY = 20
 SAMPLE_EVERY = 2_500
+SEEDED = 20
 
 
-async def call(app: Any, state: dict[str, Any], method: str, path: str, body: bytes = b"") -> int:
-    """One HTTP request straight into the ASGI app; return the status."""
-    return (await Request(method, path, body)(app, state))[0]
+def todo(title: str) -> bytes:
+    """The body of a create."""
+    return json.dumps({"title": title}).encode()
 
 
-def rss_mb() -> float:
-    """This process's resident set size, in MB."""
-    return rss_bytes() / 2**20
+def requests(index: int, rng: random.Random) -> Request:
+    """The ``index``-th request: 40% use the database, 60% do not."""
+    roll = rng.random()
+    if roll < 0.25:
+        return Request("GET", f"/todos/{rng.randint(1, SEEDED)}")
+    for below, request in [
+        (0.30, Request("GET", "/todos?limit=10")),
+        (0.33, Request("POST", "/todos", todo(f"memory {index}"))),
+        (0.35, Request("POST", "/todos", todo("seed 1"))),  # 409
+        (0.40, Request("GET", "/todos/999999999")),  # 404
+        (0.60, Request("POST", "/todos", b'{"title": ""}')),  # 422
+    ]:
+        if roll < below:
+            return request
+    return Request("GET", "/health")
 
 
-async def main(framework: str, requests: int, warmup: int) -> dict[str, Any]:
+async def main(framework: str, total: int, warmup: int) -> dict[str, Any]:
     """Run the soak; return the measurements."""
     module = load_example(framework)
-    app, db = module.app, module.db
-    rng = random.Random(5)
-    statuses: Counter[int] = Counter()
-    samples: list[tuple[int, float]] = []
-    ids: list[int] = []
-    sent = 0
-
+    app, db, rng = module.app, module.db, random.Random(5)
     async with lifespan(app) as state:
-        for index in range(20):
-            await call(
-                app, state, "POST", "/todos", json.dumps({"title": f"seed {index}"}).encode()
-            )
-        ids.extend(range(1, 21))
+        for index in range(SEEDED):
+            await Request("POST", "/todos", todo(f"seed {index}"))(app, state)
 
-        async def one(index: int) -> None:
-            roll = rng.random()  # 40% use the database, 60% do not
-            if roll < 0.25:
-                status = await call(app, state, "GET", f"/todos/{rng.choice(ids)}")
-            elif roll < 0.30:
-                status = await call(app, state, "GET", "/todos?limit=10")
-            elif roll < 0.33:
-                body = json.dumps({"title": f"memory {index}"}).encode()
-                status = await call(app, state, "POST", "/todos", body)
-            elif roll < 0.35:
-                body = json.dumps({"title": "seed 1"}).encode()
-                status = await call(app, state, "POST", "/todos", body)  # 409
-            elif roll < 0.40:
-                status = await call(app, state, "GET", "/todos/999999999")  # 404
-            elif roll < 0.60:
-                status = await call(app, state, "POST", "/todos", b'{"title": ""}')  # 422
-            else:
-                status = await call(app, state, "GET", "/health")
-            statuses[status] += 1
+        async def send(index: int) -> int:
+            return (await requests(index, rng)(app, state))[0]
 
-        async def worker() -> None:
-            nonlocal sent
-            while sent < requests:
-                sent += 1
-                index = sent
-                await one(index)
-                if index % SAMPLE_EVERY == 0:
-                    samples.append((index, rss_mb()))
-
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        samples.append((sent, rss_mb()))
-        registry = registry_size(db)
-        checkedout = db.engine.pool.checkedout()
+        found, statuses = await soak(send, total, SAMPLE_EVERY, CONCURRENCY)
+        registry, checkedout = registry_size(db), db.engine.pool.checkedout()
+    samples = [(index, rss / 2**20) for index, rss in found[1:]]
     after_warmup = [rss for index, rss in samples if index >= warmup]
     return {
-        "requests": sent,
+        "requests": samples[-1][0],
         "statuses": {str(code): count for code, count in sorted(statuses.items())},
         "registry": registry,
         "checkedout": checkedout,
@@ -100,5 +74,5 @@ async def main(framework: str, requests: int, warmup: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    framework, requests, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    print(json.dumps(asyncio.run(main(framework, requests, warmup))), flush=True)
+    framework, total, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    print(json.dumps(asyncio.run(main(framework, total, warmup))), flush=True)

@@ -1,28 +1,26 @@
-"""The harness's extra routes, mounted on an example app in that framework's own way.
+"""The harness's extra route, mounted on an example app in that framework's own way.
 
-Each route runs like the example's own routes, inside the scope alchemy-scope gives every
-request, and uses the example's ``db.session`` (commit policy ``autocommit``):
+``GET`` or ``POST /__harness/<handler>?<arguments>`` runs like the example's own routes,
+inside the scope alchemy-scope gives every request, and uses the example's ``db.session``
+(commit policy ``autocommit``). The handlers:
 
-- ``POST /__deferred/{name}?valid=1``: insert a child row whose parent exists (``valid=1``)
-  or not (``valid=0``); the foreign key is checked only at COMMIT, so the failure comes from
-  the commit alchemy-scope runs before the response starts. Answers 201.
-- ``GET /__tenant/{tenant}``: load the tenant's rows, sleep, load them again, and answer the
+- ``deferred?name=...&valid=1``: insert a child row whose parent exists (``valid=1``) or
+  not (``valid=0``); the foreign key is checked only at COMMIT, so the failure comes from the
+  commit alchemy-scope runs before the response starts. Answers 201.
+- ``tenant?tenant=t07``: load the tenant's rows, sleep, load them again, and answer the
   tenants of every object in the session's identity map.
-- ``GET /__slow?seconds=5``: hold a pooled connection for that long (``pg_sleep``).
+- ``slow?seconds=5``: hold a pooled connection for that long (``pg_sleep``).
+
+No ``from __future__ import annotations``: Litestar reads the annotations of its handler.
 """
 
-from __future__ import annotations
-
 import asyncio
-import json
-from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 from sqlalchemy import ForeignKey, String, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from alchemy_scope import Database, ScopeMiddleware
+from alchemy_scope import Database
 
 TENANTS = 30
 ROWS_PER_TENANT = 3
@@ -85,10 +83,16 @@ async def create_tables(db: Database) -> None:
 
 
 class Handlers:
-    """The routes' logic, framework-neutral: each returns ``(status, JSON body)``."""
+    """The route's logic, framework-neutral: each returns ``(status, JSON body)``."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def __call__(self, name: str, arguments: dict[str, str]) -> Result:
+        """Run the handler ``name`` with the query's arguments."""
+        if name not in ("deferred", "tenant", "slow"):
+            return 404, {"detail": f"no harness handler {name!r}"}
+        return await getattr(self, name)(**arguments)  # type: ignore[no-any-return]
 
     async def deferred(self, name: str, valid: str = "1") -> Result:
         """Insert a child that violates the deferred foreign key unless ``valid`` is 1."""
@@ -113,131 +117,47 @@ class Handlers:
         return 200, {"slept": float(seconds)}
 
 
-# (method, path pattern with {param}, handler name, query parameters)
-ROUTES = [
-    ("POST", "/__deferred/{name}", "deferred", ("valid",)),
-    ("GET", "/__tenant/{tenant}", "tenant", ()),
-    ("GET", "/__slow", "slow", ("seconds",)),
-]
+PATH = "/__harness/{name}"
+METHODS = ["GET", "POST"]
 
 
-def mount(app: Any, db: Database) -> tuple[Any, str]:
-    """Mount the routes on ``app`` the way its framework adds routes.
-
-    Returns:
-        The app to serve and how the routes were mounted.
-    """
+def mount(app: Any, db: Database) -> str:
+    """Mount the route on ``app`` the way its framework adds routes; say how."""
     handlers = Handlers(db)
-    for mounter in (_mount_starlette, _mount_litestar, _mount_quart):
-        mounted = mounter(app, handlers)
-        if mounted:
-            return app, mounted
-    return _AsgiRoutes(app, handlers), "plain ASGI in alchemy_scope.ScopeMiddleware (fallback)"
-
-
-def _handler(handlers: Handlers, name: str) -> Callable[..., Awaitable[Result]]:
-    return getattr(handlers, name)  # type: ignore[no-any-return]
-
-
-def _mount_starlette(app: Any, handlers: Handlers) -> str | None:
-    try:
-        # Each framework is imported only to mount on its own apps; any may be missing.
-        from starlette.applications import Starlette  # noqa: PLC0415
+    # Each framework is imported only to mount on its own apps; the others may be missing.
+    module = type(app).__module__.split(".")[0]
+    if module in ("starlette", "fastapi"):
         from starlette.requests import Request  # noqa: PLC0415
         from starlette.responses import JSONResponse, Response  # noqa: PLC0415
         from starlette.routing import Route  # noqa: PLC0415
-    except ImportError:
-        return None
-    if not isinstance(app, Starlette):  # FastAPI is a Starlette
-        return None
-    for method, path, name, query in ROUTES:
 
-        def endpoint(
-            handler: Callable[..., Awaitable[Result]], query: tuple[str, ...]
-        ) -> Callable[[Request], Awaitable[Response]]:
-            async def call(request: Request) -> Response:
-                params = {
-                    key: request.query_params[key] for key in query if key in request.query_params
-                }
-                status, body = await handler(**request.path_params, **params)
-                return JSONResponse(body, status_code=status)
+        async def endpoint(request: Request) -> Response:
+            name, arguments = request.path_params["name"], dict(request.query_params)
+            status, body = await handlers(name, arguments)
+            return JSONResponse(body, status_code=status)
 
-            return call
+        app.router.routes.insert(0, Route(PATH, endpoint, methods=METHODS))
+        return "a Starlette route (app.router.routes)"
+    if module == "litestar":
+        from litestar import Request as LitestarRequest  # noqa: PLC0415
+        from litestar import Response as LitestarResponse  # noqa: PLC0415
+        from litestar import route  # noqa: PLC0415
 
-        route = Route(path, endpoint(_handler(handlers, name), query), methods=[method])
-        app.router.routes.insert(0, route)
-    return "Starlette routes (app.router.routes)"
+        async def handler(name: str, request: LitestarRequest) -> LitestarResponse:  # type: ignore[type-arg]
+            status, body = await handlers(name, dict(request.query_params))
+            return LitestarResponse(body, status_code=status)
 
+        path = PATH.replace("{name}", "{name:str}")
+        app.register(route(path, http_method=METHODS, include_in_schema=False)(handler))
+        return "a Litestar route handler (app.register)"
+    if module == "quart":
+        from quart import request as quart_request  # noqa: PLC0415
 
-def _mount_litestar(app: Any, handlers: Handlers) -> str | None:
-    try:
-        from litestar import Litestar  # noqa: PLC0415
-    except ImportError:
-        return None
-    if not isinstance(app, Litestar):
-        return None
-    from ._litestar_routes import route_handlers  # noqa: PLC0415 (imports litestar)
+        async def view(name: str) -> Any:
+            status, body = await handlers(name, quart_request.args.to_dict())
+            return body, status
 
-    for route_handler in route_handlers(
-        _handler(handlers, "deferred"), _handler(handlers, "tenant"), _handler(handlers, "slow")
-    ):
-        app.register(route_handler)
-    return "Litestar route handlers (app.register)"
-
-
-def _mount_quart(app: Any, handlers: Handlers) -> str | None:
-    try:
-        from quart import Quart, request  # noqa: PLC0415
-    except ImportError:
-        return None
-    if not isinstance(app, Quart):
-        return None
-    for method, path, name, query in ROUTES:
-        handler = _handler(handlers, name)
-
-        def view(
-            handler: Callable[..., Awaitable[Result]], query: tuple[str, ...]
-        ) -> Callable[..., Awaitable[Any]]:
-            async def call(**path_params: str) -> Any:
-                params = {key: request.args[key] for key in query if key in request.args}
-                status, body = await handler(**path_params, **params)
-                return body, status
-
-            return call
-
-        rule = path.replace("{", "<").replace("}", ">")
-        app.add_url_rule(rule, f"reliability_{name}", view(handler, query), methods=[method])
-    return "Quart URL rules (app.add_url_rule)"
-
-
-class _AsgiRoutes:
-    """For a framework this module does not know: the routes as plain ASGI, in a scope."""
-
-    def __init__(self, app: Any, handlers: Handlers) -> None:
-        self.app = app
-        self.handlers = handlers
-        self.routes = ScopeMiddleware(self._routes)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/__"):
-            await self.routes(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _routes(self, scope: Any, receive: Any, send: Any) -> None:
-        for method, path, name, query in ROUTES:
-            prefix = path.split("{")[0]
-            if scope["method"] == method and scope["path"].startswith(prefix):
-                rest = scope["path"][len(prefix) :]
-                params = dict(parse_qsl(scope["query_string"].decode()))
-                args = {key: params[key] for key in query if key in params}
-                if "{" in path:
-                    args[path.split("{")[1].rstrip("}")] = rest
-                status, body = await _handler(self.handlers, name)(**args)
-                break
-        else:
-            status, body = 404, {"detail": "no such harness route"}
-        payload = json.dumps(body).encode()
-        headers = [(b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        rule = PATH.replace("{name}", "<name>")
+        app.add_url_rule(rule, "reliability_harness", view, methods=METHODS)
+        return "a Quart URL rule (app.add_url_rule)"
+    raise TypeError(f"reliability.routes cannot mount on a {type(app)!r}")

@@ -142,7 +142,7 @@ async def main(framework: str) -> None:
     module = load_example(framework)
     db: Database = module.db
     await create_tables(db)
-    app, mounted = mount(module.app, db)
+    app, mounted = module.app, mount(module.app, db)
     logger.info("Serving examples/%s with %s; harness routes: %s", framework, db, mounted)
     logger.info("Engine %r, pool %s", db.engine, db.engine.pool.status())
     server = server_for(framework)
