@@ -228,8 +228,8 @@ async def test_ending_survives_repeated_cancellation(autocommit_db: Database) ->
     assert await item_names(autocommit_db) == ["committed anyway"]
 
 
-async def test_only_a_scope_with_a_transaction_to_end_starts_a_task(db: Database) -> None:
-    """Ending a session with no transaction needs no shielded task; one with a transaction does."""
+async def test_ending_a_scope_starts_no_task(db: Database) -> None:
+    """Uncancelled, a scope ends its sessions in the caller's task, transaction or not."""
     loop = asyncio.get_running_loop()
     started: list[str] = []
     default_factory = loop.get_task_factory()
@@ -251,7 +251,7 @@ async def test_only_a_scope_with_a_transaction_to_end_starts_a_task(db: Database
             loop.set_task_factory(counting_factory)
         loop.set_task_factory(default_factory)
         ends[case], started[:] = started[:], []
-    assert ends == {"committed": [], "read, transaction open": ["_end_sessions"]}
+    assert ends == {"committed": [], "read, transaction open": []}
     assert registry(db) == {}
     assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 

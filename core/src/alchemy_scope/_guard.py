@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncResult, AsyncScalarResult, AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from ._errors import ConcurrentSessionUseError, ScopeClosedError
 from ._scope import Scope
@@ -37,9 +37,20 @@ class SessionGuard:
         binding: The connection the session shares while its ``Database`` is ``bound_to()`` one.
         interrupted: An operation was cancelled half-way: the connection's state is unknown.
         streams: Results of ``stream()``/``stream_scalars()``, closed when the scope ends.
+        ending: The transaction the scope's end is closing, until the session is closed.
     """
 
-    __slots__ = ("_idle", "binding", "interrupted", "lock", "owner", "running", "scope", "streams")
+    __slots__ = (
+        "_idle",
+        "binding",
+        "ending",
+        "interrupted",
+        "lock",
+        "owner",
+        "running",
+        "scope",
+        "streams",
+    )
 
     def __init__(self) -> None:
         self.scope: Scope | None = None
@@ -49,6 +60,7 @@ class SessionGuard:
         self.binding: SharedConnection | None = None
         self.interrupted = False
         self.streams: list[Stream] | tuple[()] = ()
+        self.ending: SessionTransaction | None = None
         self._idle: asyncio.Future[None] | None = None
 
     async def wait_idle(self) -> None:
