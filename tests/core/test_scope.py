@@ -21,7 +21,7 @@ from alchemy_scope import (
 
 from ..conftest import MakeDatabase
 from ..models import Item
-from ..support import count_items, item_names, registry
+from ..support import assert_writable, count_items, item_names, leaks, registry
 
 
 async def test_scope_is_an_object_with_identity_closed_flag_and_sessions(db: Database) -> None:
@@ -453,3 +453,38 @@ async def test_is_database_unavailable_tells_busy_and_down_from_wrong(
                 await unreachable.session.execute(text("SELECT 1"))
         await unreachable.dispose()
         assert is_database_unavailable(refused.value)
+
+
+@pytest.mark.parametrize("step", ["commit", "rollback"])
+async def test_an_ending_that_an_anyio_cancel_scope_cuts_short_still_ends_everything(
+    make_db: MakeDatabase, step: str
+) -> None:
+    """Cancelled in its COMMIT or ROLLBACK, and again at every await after, a scope still ends."""
+    db = make_db(commit="autocommit" if step == "commit" else "manual")
+    started: list[str] = []
+    loop = asyncio.get_running_loop()
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> Any:
+        started.append(getattr(coro, "__qualname__", "?"))
+        if default_factory is not None:
+            return default_factory(loop, coro, **options)
+        return asyncio.Task(coro, loop=loop, **options)
+
+    with anyio.CancelScope() as cancel_scope:
+
+        def cancel_now(*_args: Any) -> None:
+            cancel_scope.cancel()  # delivered at the statement's await, then at every await
+
+        event.listen(db.engine.sync_engine, step, cancel_now, once=True)
+        loop.set_task_factory(counting_factory)
+        try:
+            async with db.scope():
+                db.session.add(Item(name="cut short"))
+                await db.session.flush()
+        finally:
+            loop.set_task_factory(default_factory)
+    assert cancel_scope.cancelled_caught
+    assert "_end_sessions" in started  # what the cancellation left ended in a task of its own
+    assert await leaks(db) == []
+    await assert_writable(db)
