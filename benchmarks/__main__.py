@@ -51,7 +51,8 @@ QUICK: dict[str, Any] = {  # every framework and variant, a few cells, short sam
     "server_seconds": 0.3,
     "server_rounds": [1, 1],
     "server_cells": [("insert", "postgresql-pool8", 32)],
-    "memory_requests": 10_000,
+    "server_frameworks": ["starlette", "quart"],  # uvicorn and hypercorn
+    "memory_requests": 5_000,
 }
 
 
@@ -94,6 +95,7 @@ def main() -> None:
     out: Path = args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     started, log = time.time(), []
+    serving = [f for f in args.frameworks if f in settings.get("server_frameworks", FRAMEWORKS)]
     with tempfile.TemporaryDirectory(prefix="alchemy-scope-bench-") as scratch:
         postgres = os.environ.get(
             "ALCHEMY_SCOPE_BENCH_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -137,7 +139,9 @@ def main() -> None:
                 )
                 records += json.loads(path.read_text())
             served, generator = phase(
-                log, "server", lambda: server.measure(args.frameworks, settings)
+                log,
+                "server",
+                lambda: server.measure(serving, settings),
             )
             records += served
             memory = phase(log, "memory", lambda: measure_memory(settings, Path(scratch)))

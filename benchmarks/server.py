@@ -138,8 +138,12 @@ class Group:
             variant: ServerProcess("benchmarks.server", framework, variant, database, url)
             for variant in VARIANTS
         }
-        for server in self.servers.values():
-            server.wait_until_listening()
+        try:
+            for server in self.servers.values():
+                server.wait_until_listening()
+        except RuntimeError:
+            self.stop()
+            raise
 
     async def send(self, route: Route, port: int, connections: int, each: int) -> float:
         """``each`` requests on each of ``connections``; requests per second."""

@@ -34,16 +34,8 @@ from .target import QUICK, ROOT, Settings, Target
 CHECK_TIMEOUT = 240  # seconds: a check still running then has hung
 HERE = Path(__file__).resolve().parent
 LOGS = HERE / "logs"  # the servers' logs of the last run (git-ignored)
-VERSIONS = (
-    "starlette",
-    "fastapi",
-    "litestar",
-    "quart",
-    "uvicorn",
-    "hypercorn",
-    "sqlalchemy",
-    "asyncpg",
-)
+VERSIONS = ["starlette", "fastapi", "litestar", "quart"]
+VERSIONS += ["uvicorn", "hypercorn", "sqlalchemy", "asyncpg"]
 
 printed: list[str] = []
 
@@ -99,14 +91,8 @@ async def memory(target: Target) -> tuple[Result, str]:
     database = f"{target.database}_memory"
     await target.postgres.create_database(database)
     environment = {**target.environment(), "DATABASE_URL": target.postgres.app_url(database)}
-    command = [
-        sys.executable,
-        "-m",
-        "reliability.memory",
-        target.framework,
-        str(settings.memory_requests),
-        str(settings.memory_warmup),
-    ]
+    counts = [str(settings.memory_requests), str(settings.memory_warmup)]
+    command = [sys.executable, "-m", "reliability.memory", target.framework, *counts]
     try:
         completed = await asyncio.to_thread(
             subprocess.run,
