@@ -269,6 +269,14 @@ def docs(session: nox.Session) -> None:
         return
     site = Path(session.create_tmp()) / "site"
     session.run("mkdocs", "build", "--strict", "--clean", "--site-dir", str(site), env=quiet)
+    external = re.compile(
+        r'<(?:script|img)[^>]+src="https?://|<link[^>]+stylesheet[^>]+href="https?://'
+    )
+    fetched = [
+        str(p.relative_to(site)) for p in site.rglob("*.html") if external.search(p.read_text())
+    ]
+    if fetched:
+        session.error(f"pages that load assets from elsewhere (no CDN, no web fonts): {fetched}")
     env = {"ALCHEMY_SCOPE_DOCS": "1"}  # every block must run: a missing module fails
     session.run("pytest", "tests/test_docs.py", *session.posargs, env=env)
 
