@@ -441,6 +441,10 @@ def _adapter_from_wheels(session: nox.Session, framework: str, work: Path) -> No
         if line.startswith("pip install ") and " -e " not in line
     )
     bin_dir = _fresh_venv(session, work / "venv", _core_wheels(framework), *install)
+    versions = "import importlib.metadata as m, {0}; assert {0}.__version__ == m.version({1!r})"
+    for name in _core_wheels(framework):
+        module = name.replace("-", "_")
+        session.run(str(bin_dir / "python"), "-c", versions.format(module, name), external=True)
     app_dir = work / "app"
     app_dir.mkdir()
     serve = _SERVE.search(readme)
