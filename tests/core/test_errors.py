@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool
 
 import alchemy_scope
 from alchemy_scope import (
@@ -112,7 +112,9 @@ async def test_refused_connection_is_unavailable(leg_url: str) -> None:
 
 
 async def test_exhausted_pool_is_unavailable(leg_url: str) -> None:
-    engine = create_async_engine(leg_url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    engine = create_async_engine(  # a queue pool on SQLite too (older SQLAlchemy: NullPool)
+        leg_url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0, pool_timeout=0.1
+    )
     try:
         async with engine.connect() as held:
             await held.execute(text("SELECT 1"))
