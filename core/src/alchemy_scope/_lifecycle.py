@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from contextvars import Token
 from types import TracebackType
 from typing import Any, cast
@@ -63,20 +63,32 @@ def enter(scope: Scope) -> Token[Scope | None]:
     return token
 
 
-async def leave(scope: Scope, token: Token[Scope | None], error: BaseException | None) -> None:
-    """End ``scope``, whose work returned or raised ``error``, and restore the enclosing scope.
+def leave(
+    scope: Scope, token: Token[Scope | None], error: BaseException | None
+) -> Coroutine[Any, Any, None] | None:
+    """Close ``scope``, whose work returned or raised ``error``; return its ending to await.
 
-    When the work raised, its exception is the one that matters: a failure to end the
-    sessions is logged, naming the scope, instead of replacing it.
+    A scope that opened no session has nothing to end: the enclosing scope is current again
+    at once and ``None`` is returned, with no coroutine to await (most requests of most apps
+    never touch a database).
     """
     scope.closed = True
     if error is not None:
         scope._fail(error)
     if not scope._opened:
         _current_scope.reset(token)
-        return
+        return None
+    return _end_and_restore(scope, token, error is not None)
+
+
+async def _end_and_restore(scope: Scope, token: Token[Scope | None], work_raised: bool) -> None:
+    """End the sessions of ``scope``, then make the enclosing scope current again.
+
+    When the work raised, its exception is the one that matters: a failure to end the
+    sessions is logged, naming the scope, instead of replacing it.
+    """
     try:
-        if error is None:
+        if not work_raised:
             await _end(scope)
             return
         try:
@@ -108,7 +120,9 @@ class ScopeBlock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await leave(self._scope, self._token, exc)
+        ending = leave(self._scope, self._token, exc)
+        if ending is not None:
+            await ending
 
 
 def scope(*, serialize: bool = False) -> ScopeBlock:

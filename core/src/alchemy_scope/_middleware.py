@@ -63,11 +63,15 @@ class ScopeMiddleware:
             else:  # manual commits only: nothing to do before the response is sent
                 await self.app(scope, receive, send)
         except BaseException as exc:
-            await leave(current, token, exc)
+            ending = leave(current, token, exc)
+            if ending is not None:
+                await ending
             raise
         if watching and current.status is None and kind == "http":
             current.failed = True  # the app returned without a response: not a success
-        await leave(current, token, None)
+        ending = leave(current, token, None)
+        if ending is not None:
+            await ending
 
 
 def _watching_send(current: Scope, send: Send) -> Send:
