@@ -3,7 +3,8 @@
 `python -m benchmarks.micro OUT.json ROUNDS CALLS`. No framework, no database, no socket: each
 call sends a response start and a body to a ``send`` that drops them. A pass-through
 middleware (one more ``await`` layer, nothing else) tells what any middleware costs from what
-opening a scope costs. Then, under tracemalloc, the bytes each allocates during one request
+opening a scope costs, and one with an autocommit database what watching the response
+costs. Then, under tracemalloc, the bytes each allocates during one request
 and those it leaves allocated per request.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import uvloop
 
-from alchemy_scope import ScopeMiddleware
+from alchemy_scope import Database, ScopeMiddleware
 from tooling.memory import traced
 
 START = {"type": "http.response.start", "status": 200, "headers": []}
@@ -48,6 +49,10 @@ APPS = {
     "bare ASGI app": bare,
     "pass-through middleware": PassThrough(bare),
     "ScopeMiddleware": ScopeMiddleware(bare),
+    # What a response-watching (autocommit) database costs the middleware that has one.
+    "ScopeMiddleware, autocommit database": ScopeMiddleware(
+        bare, databases=[Database("sqlite+aiosqlite://", commit="autocommit")]
+    ),
 }
 
 
