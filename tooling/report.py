@@ -50,5 +50,5 @@ def revision(*paths: str) -> str:
         return done.stdout.strip() if done.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD") or "an unknown commit"
-    changed = paths and git("status", "--porcelain", "--", *paths)
-    return f"{commit} (with uncommitted changes in {', '.join(paths)})" if changed else commit
+    changed = [path for path in paths if git("status", "--porcelain", "--", path)]
+    return f"{commit} (with uncommitted changes in {', '.join(changed)})" if changed else commit
