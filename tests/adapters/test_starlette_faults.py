@@ -13,7 +13,6 @@ in the terminal summary.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -33,7 +32,7 @@ from ..fault_matrix import (
     Observed,
     count,
     in_process,
-    record_handler_error,
+    recording,
     run_matrix,
     stream_names,
     through,
@@ -51,63 +50,44 @@ SERVED_SAMPLE = 2 if THOROUGH else 13
 def make_matrix_app(db: Database, observed: Observed) -> Starlette:
     """The matrix routes, written as a Starlette user would."""
     manual = db.commit_policy == "manual"
+    recorded = recording(observed)
 
+    @recorded
     async def plain(request: Request) -> Response:
-        try:
-            await count(db)
-            db.session.add(Item(name=request.path_params["name"]))
-            await db.session.flush()
-            if manual:
-                await db.session.commit()
-        except BaseException as exc:
-            record_handler_error(observed, exc)
-            raise
+        await count(db)
+        db.session.add(Item(name=request.path_params["name"]))
+        await db.session.flush()
+        if manual:
+            await db.session.commit()
         return PlainTextResponse("ok", status_code=201)
 
+    @recorded
     async def stream(request: Request) -> Response:
-        try:
-            db.session.add(Item(name=request.path_params["name"]))
-            await db.session.flush()
-            if manual:
-                await db.session.commit()
-        except BaseException as exc:
-            record_handler_error(observed, exc)
-            raise
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for line in stream_names(db):
-                    yield line
-            except BaseException as exc:
-                record_handler_error(observed, exc)
-                raise
-
-        return StreamingResponse(body(), media_type="text/plain")
+        db.session.add(Item(name=request.path_params["name"]))
+        await db.session.flush()
+        if manual:
+            await db.session.commit()
+        return StreamingResponse(recorded(stream_names)(db), media_type="text/plain")
 
     async def background(request: Request) -> Response:
         name = request.path_params["name"]
 
+        @recorded
         async def work() -> None:
-            try:
-                db.session.add(Item(name=name))
-                await db.session.flush()
-                if manual:
-                    await db.session.commit()
-            except BaseException as exc:
-                record_handler_error(observed, exc)
-                raise
+            db.session.add(Item(name=name))
+            await db.session.flush()
+            if manual:
+                await db.session.commit()
 
         return PlainTextResponse("accepted", status_code=202, background=BackgroundTask(work))
 
+    @recorded
     async def block(request: Request) -> Response:
-        try:
-            async with db.session.begin():
-                db.session.add(Item(name=request.path_params["name"]))
-        except BaseException as exc:
-            record_handler_error(observed, exc)
-            raise
+        async with db.session.begin():
+            db.session.add(Item(name=request.path_params["name"]))
         return PlainTextResponse("ok", status_code=201)
 
+    @recorded
     async def ws(websocket: WebSocket) -> None:
         await websocket.accept()
         try:
@@ -118,9 +98,6 @@ def make_matrix_app(db: Database, observed: Observed) -> Starlette:
                 await websocket.send_text("ok")
         except WebSocketDisconnect:
             return
-        except BaseException as exc:
-            record_handler_error(observed, exc)
-            raise
 
     app = Starlette(
         routes=[

@@ -9,7 +9,9 @@ transaction the app held open, and ``add()`` racing another task's operation.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +22,7 @@ from sqlalchemy.exc import ResourceClosedError
 from alchemy_scope import ConcurrentSessionUseError, Database, ScopeClosedError, ScopeMiddleware
 
 from ..conftest import MakeDatabase
+from ..faults import Case, FaultInjector
 from ..models import Item
 from ..support import (
     assert_no_leaks,
@@ -303,3 +306,69 @@ async def test_sync_methods_after_the_scope_ended_raise(db: Database) -> None:
         session = db.session
     with pytest.raises(ScopeClosedError):
         session.add(Item(name="too late"))
+
+
+async def _read_stream_cancelled_at_a_fetch(db: Database, fetch: int) -> None:
+    """In a scope: a child task reads a stream and is cancelled at its ``fetch``-th fetch.
+
+    As a framework does when the client of a streamed body goes away: the body's task is
+    cancelled while it awaits the driver, and the cancellation stays in that task.
+    """
+    injector = FaultInjector(db.engine)
+    try:
+        async with db.scope():
+            result = await db.session.stream(
+                select(Item.name).order_by(Item.id).execution_options(yield_per=100)
+            )
+
+            async def read() -> None:
+                async for _ in result:
+                    pass
+
+            injector.arm(Case(fetch, "fetch", "cancel"))
+            reading = asyncio.create_task(read())
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            assert injector.fired is not None, injector.operations
+            injector.arm(None)
+    except Exception:  # the scope's end may fail on the connection SQLAlchemy gave up
+        pass
+    finally:
+        injector.remove()
+
+
+@pytest.mark.parametrize("fetch", [0, 1])
+async def test_a_stream_cancelled_in_a_fetch_leaves_nothing_locked(
+    make_db: MakeDatabase, fetch: int
+) -> None:
+    """A streamed read cancelled while it awaits a fetch leaves no lock without gc's help."""
+    db = quick_lock_db(make_db)
+    await fill(db)
+    gc.collect()
+    gc.disable()  # the scope's end must free the cursor, not the garbage collector
+    try:
+        await _read_stream_cancelled_at_a_fetch(db, fetch)
+        await assert_no_leaks(db)
+        await assert_writable(db)
+    finally:
+        gc.enable()
+        gc.collect()
+
+
+async def test_a_connection_cancelled_while_it_opens_is_closed(make_db: MakeDatabase) -> None:
+    """A checkout cancelled while the driver opens its connection closes it (3.13 warns if not)."""
+    db = make_db()
+    await db.dispose()  # an empty pool: the next statement opens a connection
+    async with db.scope():
+        opening = asyncio.create_task(db.session.execute(select(Item)))
+        await asyncio.sleep(0)  # the task now awaits the driver's connect
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+    await asyncio.sleep(0.2)  # the driver finishes opening in its thread meanwhile
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
+    await assert_no_leaks(db)
+    await assert_writable(db)

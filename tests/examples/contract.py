@@ -442,7 +442,7 @@ class TodoContract:
             await assert_no_leaks(todo_app.db)
 
     async def test_abandoned_exports_leave_nothing_open_for_the_next_write(
-        self, todo_app: ModuleType, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
+        self, todo_app: ModuleType, caplog: pytest.LogCaptureFixture
     ) -> None:
         """Through a real server, exports cut off mid-stream block no write and leak nothing."""
         if _version("uvicorn") < (0, 31) and backend(todo_app.db) != "sqlite":
@@ -450,17 +450,6 @@ class TodoContract:
             # PostgreSQL/MariaDB legs fail, then the next test hangs until its timeout. Not
             # diagnosed yet (issue 11's note); reported as xfail, not run, so the run ends.
             pytest.xfail("fails, then the next test hangs, with uvicorn < 0.31 (not diagnosed)")
-        if backend(todo_app.db) == "sqlite":
-            # The server cancels the export while it awaits a fetch: SQLAlchemy invalidates the
-            # aiosqlite connection and force-closes it before the stream's cursor is closed (the
-            # scope's close then fails: "Connection closed"); the unfinalized statement keeps
-            # the closed connection's read lock until the cursor is garbage collected.
-            reason = "a stream cancelled mid-fetch keeps SQLite locked until gc"
-            # Not strict: the lock needs a disconnect that lands during a fetch, a race that
-            # fewer exports (every Python but the newest) do not always win.
-            request.applymarker(
-                pytest.mark.xfail(reason=reason, raises=httpx.TimeoutException, strict=False)
-            )
         # Half the clients reset the connection, half close the stream with httpx.
         abandon = [export_then_reset, export_then_close] * (ABANDON_BATCH // 2)
         gc.disable()  # the scope's end must free the cursors, not the garbage collector
