@@ -531,7 +531,7 @@ def release(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks (not in `tests`, not in CI): both policies against the framework and the seed.
 
-    Writes benchmarks/results/ and takes about 80 minutes on a quiet machine;
+    Writes benchmarks/results/ and takes about 1.5 hours on a quiet machine;
     `nox -s bench -- --quick` is a smoke run of a minute or two that writes
     benchmarks/results/quick/. PostgreSQL from ALCHEMY_SCOPE_BENCH_POSTGRES (default
     postgresql+asyncpg://postgres@127.0.0.1:5432/test).
