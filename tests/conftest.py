@@ -22,6 +22,8 @@ from .support import (
     database_legs,
     drop_run_databases,
     leg_id,
+    leg_options,
+    through_pgbouncer,
 )
 
 pytest_plugins = ["pytester"]
@@ -61,7 +63,7 @@ async def make_db(leg_url: str) -> AsyncIterator[MakeDatabase]:
         if url.startswith("sqlite"):  # a real pool to check for leaks (older SQLAlchemy: NullPool)
             engine_options = options.get("engine_options", {})
             options["engine_options"] = {"poolclass": AsyncAdaptedQueuePool, **engine_options}
-        database = Database(url, **options)
+        database = Database(url, **leg_options(url), **options)
         if database.engine.dialect.name == "sqlite":
             event.listen(database.engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
         made.append(database)
@@ -97,7 +99,10 @@ def autocommit_db(make_db: MakeDatabase) -> Database:
 def pytest_configure(config: pytest.Config) -> None:
     """Give this run databases of its own; on CI, require every database leg."""
     if os.environ.get("CI"):
-        missing = {"postgresql", "mysql"} - {leg_id(url) for url in database_legs()}
+        legs = database_legs()
+        # `nox -s pgbouncer` runs the PostgreSQL legs through PgBouncer, and only them.
+        required = {"pgbouncer"} if any(map(through_pgbouncer, legs)) else {"postgresql", "mysql"}
+        missing = required - {leg_id(url) for url in legs}
         if missing:
             raise pytest.UsageError(
                 f"CI must test every database leg, but {sorted(missing)} are not in "

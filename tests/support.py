@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, func, insert, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import NullPool, QueuePool
@@ -44,8 +44,50 @@ def database_legs() -> list[str]:
     return ["sqlite", *(_run_url(url) for url in configured_legs())]
 
 
+# The PgBouncer leg: with ALCHEMY_SCOPE_TEST_PGBOUNCER=host:port (a PgBouncer in transaction
+# mode in front of the listed PostgreSQL server; `nox -s pgbouncer` starts one), the PostgreSQL
+# legs go through it. Their databases are still created and dropped on the server itself, and
+# the tests' own probes (leak checks, lock checks) still connect to it directly.
+PGBOUNCER_ENV = "ALCHEMY_SCOPE_TEST_PGBOUNCER"
+
+
+def _pgbouncer() -> tuple[str, int] | None:
+    address = os.environ.get(PGBOUNCER_ENV, "")
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
 def _run_url(url: str) -> str:
-    return make_url(url).set(database=_RUN_DATABASE).render_as_string(hide_password=False)
+    parsed = make_url(url).set(database=_RUN_DATABASE)
+    bouncer = _pgbouncer()
+    if bouncer and parsed.get_backend_name() == "postgresql":
+        parsed = parsed.set(host=bouncer[0], port=bouncer[1])
+    return parsed.render_as_string(hide_password=False)
+
+
+def through_pgbouncer(url: str | URL) -> bool:
+    """Whether ``url`` (a leg's, or an engine's) goes through the PgBouncer leg."""
+    bouncer = _pgbouncer()
+    if url == "sqlite" or bouncer is None:
+        return False
+    parsed = make_url(url)
+    return (parsed.host, parsed.port) == bouncer
+
+
+def leg_options(url: str | URL) -> dict[str, Any]:
+    """What ``Database(url, ...)`` needs on this leg: ``pgbouncer=True`` through PgBouncer."""
+    return {"pgbouncer": True} if through_pgbouncer(url) else {}
+
+
+def direct_url(url: str | URL) -> str:
+    """``url``, on the PostgreSQL server itself when it goes through PgBouncer."""
+    parsed = make_url(url)
+    if through_pgbouncer(parsed):
+        server = next(make_url(leg) for leg in configured_legs() if leg.startswith("postgresql"))
+        parsed = parsed.set(host=server.host, port=server.port)
+    return parsed.render_as_string(hide_password=False)
 
 
 async def _create_or_drop(create: bool) -> None:
@@ -53,7 +95,9 @@ async def _create_or_drop(create: bool) -> None:
         engine = create_async_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         try:
             async with engine.connect() as conn:
-                await conn.execute(text(f"DROP DATABASE IF EXISTS {_RUN_DATABASE}"))
+                # PgBouncer keeps its server connections to the database open: close them.
+                force = " WITH (FORCE)" if _pgbouncer() and url.startswith("postgresql") else ""
+                await conn.execute(text(f"DROP DATABASE IF EXISTS {_RUN_DATABASE}{force}"))
                 if create:
                     await conn.execute(text(f"CREATE DATABASE {_RUN_DATABASE}"))
         finally:
@@ -71,7 +115,9 @@ def drop_run_databases() -> None:
 
 
 def leg_id(url: str) -> str:
-    """A short test id for a leg: ``sqlite``, ``postgresql`` or ``mysql``."""
+    """A short test id for a leg: ``sqlite``, ``postgresql``, ``mysql`` or ``pgbouncer``."""
+    if through_pgbouncer(url):
+        return "pgbouncer"
     return url if url == "sqlite" else make_url(url).get_backend_name()
 
 
@@ -104,7 +150,7 @@ async def leaks(db: Database) -> list[str]:
         found.append(f"{checkedout()} connection(s) checked out")
     if not found and backend(db) == "postgresql":
         # A connection of its own: one of the pool's may have been killed by a fault test.
-        other = create_async_engine(db.engine.url, poolclass=NullPool)
+        other = create_async_engine(direct_url(db.engine.url), poolclass=NullPool)
         async with other.connect() as conn:
             idle = await conn.scalar(
                 text(
@@ -140,7 +186,7 @@ async def assert_writable(db: Database) -> None:
     name = Item.__tablename__
     mark = uuid.uuid4().hex[:12]
     quick = {"timeout": 0.3} if backend(db) == "sqlite" else {}
-    other = create_async_engine(db.engine.url, poolclass=NullPool, connect_args=quick)
+    other = create_async_engine(direct_url(db.engine.url), poolclass=NullPool, connect_args=quick)
     try:
         async with other.begin() as conn:
             if backend(db) == "postgresql":

@@ -48,7 +48,14 @@ POOL = {
 }
 if POOL and DATABASE_URL.startswith("sqlite"):  # SQLAlchemy < 2.0.38 gives SQLite no pool
     POOL["poolclass"] = AsyncAdaptedQueuePool
-db = Database(DATABASE_URL, commit="autocommit", engine_options={"pool_pre_ping": True, **POOL})
+# DATABASE_PGBOUNCER=1: DATABASE_URL is a PgBouncer in transaction mode (asyncpg set up for it).
+PGBOUNCER = os.environ.get("DATABASE_PGBOUNCER") == "1"
+db = Database(
+    DATABASE_URL,
+    commit="autocommit",
+    engine_options={"pool_pre_ping": True, **POOL},
+    pgbouncer=PGBOUNCER,
+)
 
 MAX_TITLE = 200
 MAX_BULK = 1000

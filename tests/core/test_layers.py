@@ -15,6 +15,7 @@ LAYERS = [
     "_shared",
     "_guard",
     "_lifecycle",
+    "_pgbouncer",
     "_database",
     "_middleware",
     "pytest_plugin",

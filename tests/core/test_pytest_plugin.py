@@ -13,7 +13,7 @@ from alchemy_scope.pytest_plugin import rolled_back_transaction
 
 from ..conftest import MakeDatabase
 from ..models import Item
-from ..support import count_items, item_names, registry
+from ..support import count_items, item_names, leg_options, registry
 
 # The conftest.py of the test suites the plugin's tests run: a Database on this leg's
 # database and a raw ASGI app (no framework) that writes through ScopeMiddleware.
@@ -38,7 +38,7 @@ class Row(Base):
     name: Mapped[str] = mapped_column(String(50), unique=True)
 
 
-db = Database({url!r}, commit="autocommit", engine_options={{"poolclass": NullPool}})
+db = Database({url!r}, commit="autocommit", engine_options={{"poolclass": NullPool}}{options})
 
 
 @pytest.fixture
@@ -101,7 +101,8 @@ ROWS = Table(
 
 
 def run_suite(pytester: pytest.Pytester, url: str, tests: str, *args: str) -> pytest.RunResult:
-    pytester.makeconftest(CONFTEST.format(url=url))
+    options = "".join(f", {name}={value!r}" for name, value in leg_options(url).items())
+    pytester.makeconftest(CONFTEST.format(url=url, options=options))
     pytester.makeini(
         "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
     )
@@ -114,7 +115,7 @@ def rows_table(leg_url: str) -> str:
     """Create the plugin suite's table on this leg, empty; drop it afterwards."""
 
     async def create(drop_only: bool) -> None:
-        database = Database(leg_url)
+        database = Database(leg_url, **leg_options(leg_url))
         async with database.engine.begin() as connection:
             await connection.run_sync(ROWS.metadata.drop_all)
             if not drop_only:
@@ -128,7 +129,7 @@ def rows_table(leg_url: str) -> str:
 
 def committed_rows(url: str) -> int:
     async def count() -> int:
-        database = Database(url)
+        database = Database(url, **leg_options(url))
         async with database.engine.connect() as connection:
             rows = await connection.scalar(text("SELECT count(*) FROM alchemy_scope_plugin_rows"))
         await database.dispose()

@@ -29,7 +29,7 @@ from websockets.asyncio.client import connect
 
 from ..adapters.scenarios import asgi_client
 from ..servers import uvicorn_server
-from ..support import THOROUGH, assert_no_leaks, backend, registry
+from ..support import THOROUGH, assert_no_leaks, backend, registry, through_pgbouncer
 
 EXAMPLES = Path(__file__).parent.parent.parent / "examples"
 
@@ -123,6 +123,8 @@ async def loaded_example(
     On exit it checks for leaks, drops the example's tables and disposes its engine.
     """
     monkeypatch.setenv("DATABASE_URL", leg_url)
+    if through_pgbouncer(leg_url):  # as a user behind PgBouncer in transaction mode runs it
+        monkeypatch.setenv("DATABASE_PGBOUNCER", "1")
     for setting, value in (settings or {}).items():
         monkeypatch.setenv(f"DATABASE_{setting}", value)
     module = load_example(example)

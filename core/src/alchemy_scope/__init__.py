@@ -17,6 +17,7 @@ from ._errors import (
     ConcurrentSessionUseError,
     MissingAsyncDriverError,
     NoScopeError,
+    PgBouncerDriverError,
     ScopeClosedError,
     SharedConnectionBusyError,
     UnwatchedDatabaseError,
@@ -25,6 +26,7 @@ from ._errors import (
 from ._guard import ScopedSession
 from ._lifecycle import ScopeBlock, scope
 from ._middleware import ScopeMiddleware
+from ._pgbouncer import pgbouncer_engine_options
 from ._scope import Scope, current_scope, fail_current_scope
 
 __version__ = "0.1.0"
@@ -37,6 +39,7 @@ __all__ = [
     "Database",
     "MissingAsyncDriverError",
     "NoScopeError",
+    "PgBouncerDriverError",
     "Scope",
     "ScopeBlock",
     "ScopeClosedError",
@@ -48,5 +51,6 @@ __all__ = [
     "dispose_all",
     "fail_current_scope",
     "is_database_unavailable",
+    "pgbouncer_engine_options",
     "scope",
 ]

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
 from ._errors import AlchemyScopeError, UnwatchedDatabaseError
 from ._guard import ScopedSession
 from ._lifecycle import ScopeBlock, scope
+from ._pgbouncer import pgbouncer_engine_options
 from ._scope import Scope, _current_scope, open_scope_key
 from ._shared import SharedConnection
 
@@ -47,6 +48,8 @@ class Database:
             committed before the response starts), rolled back otherwise.
         commit_on_redirect: With ``autocommit``, whether a 3xx response commits.
         engine_options: Keyword arguments for ``create_async_engine`` (only with a URL).
+        pgbouncer: The URL is PgBouncer's in transaction mode: asyncpg's statement caches
+            off and unique prepared-statement names (see ``pgbouncer_engine_options``).
         session_options: Keyword arguments for ``async_sessionmaker``. ``expire_on_commit``
             defaults to ``False``, so objects stay readable after a commit.
 
@@ -61,7 +64,8 @@ class Database:
 
     Raises:
         ValueError: ``commit`` is not a known policy.
-        TypeError: ``engine_options`` were given together with an engine.
+        TypeError: ``engine_options`` or ``pgbouncer`` were given together with an engine.
+        PgBouncerDriverError: ``pgbouncer=True`` with a URL whose driver is not asyncpg.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class Database:
         commit_on_redirect: bool = True,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        pgbouncer: bool = False,
     ) -> None:
         if commit not in ("manual", "autocommit"):
             raise ValueError(
@@ -79,13 +84,16 @@ class Database:
                 "or commit='autocommit' (commit when the request succeeds)."
             )
         if isinstance(url, AsyncEngine):
-            if engine_options:
+            if engine_options or pgbouncer:
                 raise TypeError(
-                    "engine_options only apply when Database creates the engine from a URL; "
-                    "pass them to create_async_engine() instead."
+                    "engine_options and pgbouncer only apply when Database creates the engine "
+                    "from a URL; pass them to create_async_engine() instead (for PgBouncer: "
+                    "create_async_engine(url, **alchemy_scope.pgbouncer_engine_options(url)))."
                 )
             self.engine = url
         else:
+            if pgbouncer:
+                engine_options = pgbouncer_engine_options(url, engine_options)
             self.engine = create_async_engine(url, **(engine_options or {}))
         _watch_aiosqlite(self.engine)
         options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}

@@ -138,6 +138,19 @@ class MissingAsyncDriverError(AlchemyScopeError, ValueError):
         )
 
 
+class PgBouncerDriverError(AlchemyScopeError, ValueError):
+    """``pgbouncer=True`` was given a URL whose driver is not asyncpg."""
+
+    def __init__(self, drivername: str) -> None:
+        super().__init__(
+            f"pgbouncer=True configures the asyncpg driver for PgBouncer's transaction pooling "
+            f"(statement caches off, unique prepared-statement names), but the URL "
+            f"{drivername}://... uses another driver. Point a postgresql+asyncpg://... URL at "
+            "PgBouncer (pip install asyncpg), or leave pgbouncer out for a direct connection."
+            + _see("PgBouncerDriverError")
+        )
+
+
 # The async drivers to suggest per backend, with what installs them.
 _ASYNC_DRIVERS = {
     "postgresql": "postgresql+asyncpg://... (pip install asyncpg) or postgresql+psycopg://... "
