@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -456,6 +457,40 @@ async def test_other_middleware_runs_inside_the_scope(db: Database) -> None:
         assert (await client.post("/items/audited?commit=1")).status_code == 201
     assert seen == [True]
     assert await item_names(db) == ["audited"]
+
+
+async def test_handlers_given_as_partials_or_async_callables_are_awaited(
+    autocommit_db: Database,
+) -> None:
+    """An async handler wrapped in functools.partial, or an object, is awaited; nothing commits."""
+
+    class PartialError(Exception):
+        pass
+
+    class CallableError(Exception):
+        pass
+
+    class Answer:
+        async def __call__(self, _request: Request, _exc: Exception) -> Response:
+            return PlainTextResponse("an object")
+
+    async def answer(text: str, _request: Request, _exc: Exception) -> Response:
+        return PlainTextResponse(text)
+
+    async def fails_after_writing(request: Request) -> Response:
+        name = request.path_params["name"]
+        autocommit_db.session.add(Item(name=name))
+        await autocommit_db.session.flush()
+        raise (PartialError if name == "partial" else CallableError)()
+
+    app = Starlette(routes=[Route("/{name}", fails_after_writing, methods=["POST"])])
+    install(app, autocommit_db)
+    app.add_exception_handler(PartialError, functools.partial(answer, "a partial"))
+    app.add_exception_handler(CallableError, Answer())
+    async with asgi_client(app) as client:
+        assert (await client.post("/partial")).text == "a partial"
+        assert (await client.post("/callable")).text == "an object"
+    assert await item_names(autocommit_db) == []
 
 
 def test_install_after_startup_fails_with_starlettes_error(db: Database) -> None:
