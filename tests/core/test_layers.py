@@ -12,6 +12,7 @@ PACKAGE = Path(alchemy_scope.__file__).parent
 LAYERS = [
     "_errors",
     "_scope",
+    "_insight",
     "_shared",
     "_guard",
     "_lifecycle",

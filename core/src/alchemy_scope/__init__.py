@@ -15,6 +15,7 @@ from ._errors import (
     AlchemyScopeError,
     AlreadyInstalledError,
     ConcurrentSessionUseError,
+    InsightOffError,
     MissingAsyncDriverError,
     NoScopeError,
     PgBouncerDriverError,
@@ -24,6 +25,7 @@ from ._errors import (
     is_database_unavailable,
 )
 from ._guard import ScopedSession
+from ._insight import Insight, ScopeFigures
 from ._lifecycle import ScopeBlock, scope
 from ._middleware import ScopeMiddleware
 from ._pgbouncer import pgbouncer_engine_options
@@ -37,12 +39,15 @@ __all__ = [
     "CommitPolicy",
     "ConcurrentSessionUseError",
     "Database",
+    "Insight",
+    "InsightOffError",
     "MissingAsyncDriverError",
     "NoScopeError",
     "PgBouncerDriverError",
     "Scope",
     "ScopeBlock",
     "ScopeClosedError",
+    "ScopeFigures",
     "ScopeMiddleware",
     "ScopedSession",
     "SharedConnectionBusyError",

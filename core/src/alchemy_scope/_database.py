@@ -21,11 +21,12 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ._errors import AlchemyScopeError, UnwatchedDatabaseError
+from ._errors import AlchemyScopeError, InsightOffError, UnwatchedDatabaseError
 from ._guard import ScopedSession
+from ._insight import EngineWatch, Insight, ScopeFigures
 from ._lifecycle import ScopeBlock, scope
 from ._pgbouncer import pgbouncer_engine_options
-from ._scope import Scope, _current_scope, open_scope_key
+from ._scope import Scope, _current_scope, current_scope, open_scope_key
 from ._shared import SharedConnection
 
 CommitPolicy = Literal["manual", "autocommit"]
@@ -52,6 +53,9 @@ class Database:
             off and unique prepared-statement names (see ``pgbouncer_engine_options``).
         session_options: Keyword arguments for ``async_sessionmaker``. ``expire_on_commit``
             defaults to ``False``, so objects stay readable after a commit.
+        insight: Keep what each scope cost the database (``db.figures()``), warn of N+1
+            queries, optionally add ``Server-Timing``: ``True`` for the defaults, or an
+            ``Insight(...)``. Off (``None``) registers nothing and costs nothing.
 
     Attributes:
         engine: The ``AsyncEngine``.
@@ -76,6 +80,7 @@ class Database:
         commit_on_redirect: bool = True,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        insight: bool | Insight | None = None,
         pgbouncer: bool = False,
     ) -> None:
         if commit not in ("manual", "autocommit"):
@@ -117,6 +122,9 @@ class Database:
         self._sessions_by_scope: dict[Scope, ScopedSession] = registry.registry
         self._current_session: Callable[[], ScopedSession] = registry
         self._shared: SharedConnection | None = None
+        self._insight: EngineWatch | None = None
+        if insight:
+            self._insight = EngineWatch(self.engine, Insight() if insight is True else insight)
 
     @property
     def session(self) -> AsyncSession:
@@ -204,9 +212,22 @@ class Database:
         current._add(self, session)
         return session
 
+    def figures(self) -> ScopeFigures:
+        """What this database has cost the current scope so far (``insight`` on).
+
+        Raises:
+            InsightOffError: The database was created without ``insight``.
+            NoScopeError: No scope is open here.
+        """
+        if self._insight is None:
+            raise InsightOffError(repr(self))
+        return self._insight.figures_of(current_scope())
+
     def _forget(self, scope: Scope) -> None:
-        """Drop the registry entry of ``scope``."""
+        """Drop the registry entry of ``scope``; report its figures if insight is on."""
         self._sessions_by_scope.pop(scope, None)
+        if self._insight is not None:
+            self._insight.scope_ended(scope)
 
 
 async def dispose_all(databases: tuple[Database, ...] | list[Database]) -> None:

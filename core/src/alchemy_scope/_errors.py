@@ -125,6 +125,17 @@ class UnwatchedDatabaseError(AlchemyScopeError):
         )
 
 
+class InsightOffError(AlchemyScopeError):
+    """``db.figures()`` was called on a ``Database`` created without ``insight``."""
+
+    def __init__(self, database: str) -> None:
+        super().__init__(
+            f"{database} keeps no figures: its insight is off, so nothing is counted. Create "
+            "it with `Database(url, insight=True)` (or `insight=Insight(...)`) to read "
+            "`db.figures()` in its scopes." + _see("InsightOffError")
+        )
+
+
 class MissingAsyncDriverError(AlchemyScopeError, ValueError):
     """A database URL names no async driver, or one that is not installed."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from ._insight import EngineWatch, server_timing
 from ._lifecycle import Message, Send, before_send, enter, leave
 from ._scope import Scope, SessionOwner
 
@@ -31,6 +32,10 @@ class ScopeMiddleware:
             request. ``None``: unknown, so every response is watched.
         serialize: Let tasks of one request that share its session wait for each other
             instead of raising ``ConcurrentSessionUseError``.
+
+    A database created with ``insight=Insight(server_timing=True)`` among ``databases`` (or
+    any such database the request used, with ``databases=None``) adds a ``Server-Timing``
+    header to each HTTP response, as its figures stand when the response starts.
     """
 
     def __init__(
@@ -43,6 +48,12 @@ class ScopeMiddleware:
         self.app = app
         self.serialize = serialize
         self.watching = databases is None or any(db.autocommits for db in databases)
+        # The figures a Server-Timing header shows; None: those of the request's scope.
+        self.timed: list[EngineWatch] | None = None
+        if databases is not None:
+            watches = (getattr(db, "_insight", None) for db in databases)
+            self.timed = [watch for watch in watches if watch and watch.server_timing]
+            self.watching = self.watching or bool(self.timed)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -59,7 +70,7 @@ class ScopeMiddleware:
         token = enter(current)
         try:
             if watching:
-                await self.app(scope, receive, _watching_send(current, send))
+                await self.app(scope, receive, _watching_send(current, send, self.timed))
             else:  # manual commits only: nothing to do before the response is sent
                 await self.app(scope, receive, send)
         except BaseException as exc:
@@ -74,14 +85,30 @@ class ScopeMiddleware:
             await ending
 
 
-def _watching_send(current: Scope, send: Send) -> Send:
-    """Wrap ``send`` to learn the response status and commit before the client hears of it."""
+def _watching_send(current: Scope, send: Send, timed: list[EngineWatch] | None) -> Send:
+    """Wrap ``send`` to learn the response status and commit before the client hears of it.
+
+    ``timed``: the engines whose figures go in a Server-Timing header (an empty list: no
+    header; ``None``: those of the scope that ask for one).
+    """
 
     async def send_in_scope(message: Message) -> None:
         if message["type"] == "http.response.start":
             current.status = message["status"]
         if current._opened and not await before_send(current, message, send):
             return
+        if message["type"] == "http.response.start" and timed != []:
+            message = _with_server_timing(current, message, timed)
         await send(message)
 
     return send_in_scope
+
+
+def _with_server_timing(
+    current: Scope, message: Message, timed: list[EngineWatch] | None
+) -> Message:
+    """``message`` with the scope's ``Server-Timing`` header added, when it has one."""
+    value = server_timing(current, timed)
+    if value is None:
+        return message
+    return {**message, "headers": [*message.get("headers", ()), (b"server-timing", value)]}

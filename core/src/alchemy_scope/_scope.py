@@ -60,6 +60,8 @@ class Scope:
     # Opened by a middleware that does not watch responses (its app's databases all commit
     # manually): an autocommit database's session cannot be committed before the response.
     _unwatched = False
+    # What each engine with insight on cost this scope: {EngineWatch: ScopeFigures} (_insight).
+    _figures: dict[Any, Any] | None = None
     closed = False
     failed = False
     cancelled = False

@@ -15,6 +15,11 @@ on one connection: every session opened meanwhile (``db.session`` in the test, `
 db.scope()`` blocks, the requests the test sends through the app) joins it through a
 SAVEPOINT, and it is rolled back at the end of the test, whatever the app committed.
 
+Strict N+1 mode: with ``alchemy_scope_strict_n_plus_one = true`` in the pytest ini (or
+``-o alchemy_scope_strict_n_plus_one=true``), a test during which a ``Database`` created with
+``insight`` reports an N+1 suspect (a statement run more than ``repeat_limit`` times in one
+scope) fails, with the statement in the message.
+
 Fixtures:
     alchemy_database: Override it: your app's ``Database``.
     alchemy_connection: The test's ``AsyncConnection``, in the transaction rolled back at
@@ -35,12 +40,66 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ._database import Database
+from ._insight import RepeatedStatement, repeat_listeners
 
 async_fixture: Callable[..., Any]
 try:  # pytest-asyncio runs async fixtures in strict mode as well as auto mode
     from pytest_asyncio import fixture as async_fixture
 except ImportError:  # pragma: no cover - anyio's plugin runs plain async fixtures
     async_fixture = pytest.fixture
+
+
+STRICT_OPTION = "alchemy_scope_strict_n_plus_one"
+_suspects_key = pytest.StashKey[list[RepeatedStatement]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Declare the strict N+1 mode's ini option."""
+    parser.addini(
+        STRICT_OPTION,
+        "Fail a test in which a Database with insight reports an N+1 query suspect.",
+        type="bool",
+        default=False,
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    """In strict N+1 mode, collect the suspects reported from the test's setup on."""
+    if item.config.getini(STRICT_OPTION):
+        suspects: list[RepeatedStatement] = []
+        item.stash[_suspects_key] = suspects
+        repeat_listeners.append(suspects.append)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """In strict N+1 mode, fail the test if a suspect was reported while it ran."""
+    result = yield
+    _fail_on_suspects(item)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Any:
+    """In strict N+1 mode, stop collecting; a suspect reported by the teardown is an error."""
+    try:
+        return (yield)
+    finally:
+        suspects = item.stash.get(_suspects_key, None)
+        if suspects is not None and suspects.append in repeat_listeners:
+            repeat_listeners.remove(suspects.append)
+            _fail_on_suspects(item)
+
+
+def _fail_on_suspects(item: pytest.Item) -> None:
+    suspects = item.stash.get(_suspects_key, None)
+    if suspects:
+        found, suspects[:] = list(suspects), []
+        pytest.fail(
+            f"{STRICT_OPTION}: " + "\n".join(str(suspect) for suspect in found), pytrace=False
+        )
 
 
 @pytest.fixture
