@@ -16,6 +16,7 @@ LAYERS = [
     "_shared",
     "_guard",
     "_lifecycle",
+    "_replicas",
     "_pgbouncer",
     "_database",
     "_middleware",

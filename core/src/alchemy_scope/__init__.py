@@ -21,6 +21,7 @@ from ._errors import (
     PgBouncerDriverError,
     ScopeClosedError,
     SharedConnectionBusyError,
+    UnsupportedReplicasError,
     UnwatchedDatabaseError,
     is_database_unavailable,
 )
@@ -29,6 +30,7 @@ from ._insight import Insight, ScopeFigures
 from ._lifecycle import ScopeBlock, scope
 from ._middleware import ScopeMiddleware
 from ._pgbouncer import pgbouncer_engine_options
+from ._replicas import BookmarkCookie, PrimaryBlock, Replica, Replicas, ReplicaSet
 from ._scope import Scope, current_scope, fail_current_scope
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlchemyScopeError",
     "AlreadyInstalledError",
+    "BookmarkCookie",
     "CommitPolicy",
     "ConcurrentSessionUseError",
     "Database",
@@ -44,6 +47,10 @@ __all__ = [
     "MissingAsyncDriverError",
     "NoScopeError",
     "PgBouncerDriverError",
+    "PrimaryBlock",
+    "Replica",
+    "ReplicaSet",
+    "Replicas",
     "Scope",
     "ScopeBlock",
     "ScopeClosedError",
@@ -51,6 +58,7 @@ __all__ = [
     "ScopeMiddleware",
     "ScopedSession",
     "SharedConnectionBusyError",
+    "UnsupportedReplicasError",
     "UnwatchedDatabaseError",
     "current_scope",
     "dispose_all",

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -26,6 +26,14 @@ from ._guard import ScopedSession
 from ._insight import EngineWatch, Insight, ScopeFigures
 from ._lifecycle import ScopeBlock, scope
 from ._pgbouncer import pgbouncer_engine_options
+from ._replicas import (
+    PrimaryBlock,
+    Replicas,
+    ReplicaSet,
+    ReplicaSpec,
+    format_position,
+    parse_position,
+)
 from ._scope import Scope, _current_scope, current_scope, open_scope_key
 from ._shared import SharedConnection
 
@@ -53,6 +61,9 @@ class Database:
             off and unique prepared-statement names (see ``pgbouncer_engine_options``).
         session_options: Keyword arguments for ``async_sessionmaker``. ``expire_on_commit``
             defaults to ``False``, so objects stay readable after a commit.
+        replicas: PostgreSQL read replicas of the primary: a list of URLs or engines, or
+            ``Replicas([...], max_lag=..., read_your_writes=...)``. A scope reads from one
+            of them until it writes, then from the primary (see "Scaling out" in the docs).
         insight: Keep what each scope cost the database (``db.figures()``), warn of N+1
             queries, optionally add ``Server-Timing``: ``True`` for the defaults, or an
             ``Insight(...)``. Off (``None``) registers nothing and costs nothing.
@@ -65,9 +76,11 @@ class Database:
         commit_policy: ``"manual"`` or ``"autocommit"``, as given.
         autocommits: Whether ``commit_policy`` is ``"autocommit"``.
         commit_on_redirect: As given.
+        replicas: The ``ReplicaSet`` routing reads to the replicas, or ``None`` without them.
 
     Raises:
         ValueError: ``commit`` is not a known policy.
+        UnsupportedReplicasError: ``replicas`` were given to a database that is not PostgreSQL.
         TypeError: ``engine_options`` or ``pgbouncer`` were given together with an engine.
         PgBouncerDriverError: ``pgbouncer=True`` with a URL whose driver is not asyncpg.
     """
@@ -80,6 +93,7 @@ class Database:
         commit_on_redirect: bool = True,
         engine_options: Mapping[str, Any] | None = None,
         session_options: Mapping[str, Any] | None = None,
+        replicas: Replicas | Sequence[ReplicaSpec] | None = None,
         insight: bool | Insight | None = None,
         pgbouncer: bool = False,
     ) -> None:
@@ -108,6 +122,9 @@ class Database:
                 "which keeps sessions from being used concurrently or after their scope."
             )
         options.setdefault("class_", ScopedSession)
+        self.replicas: ReplicaSet | None = None
+        if replicas:  # routing only then: without replicas, the sessions are SQLAlchemy's own
+            self.replicas = ReplicaSet(self.engine, replicas, options, dict(engine_options or {}))
         self.commit_policy: CommitPolicy = commit
         self.commit_on_redirect = commit_on_redirect
         self.autocommits = commit == "autocommit"
@@ -135,6 +152,49 @@ class Database:
             ScopeClosedError: The scope this code runs in has already ended.
         """
         return self._current_session()
+
+    def use_primary(self) -> PrimaryBlock:
+        """Send reads to the primary: ``with db.use_primary():``, or ``@db.use_primary()``.
+
+        The block form covers the statements in the block; decorating an async function (a
+        route) covers each of its calls. Writes always go to the primary; without replicas it
+        does nothing.
+        """
+        return PrimaryBlock(None if self.replicas is None else self.replicas.forced)
+
+    @property
+    def bookmark(self) -> str | None:
+        """Where the current scope's last commit ended in the primary's WAL (``16/B374D848``).
+
+        Hand it to the client (a header, a cookie: ``BookmarkCookie`` does that) and pass it
+        back to ``read_after()`` in its next request. ``None`` until a commit of this scope
+        wrote, and always without ``Replicas(..., read_your_writes=True)``.
+        """
+        current = _current_scope.get()
+        session = None if current is None else self._sessions_by_scope.get(current)
+        if session is None or self.replicas is None:
+            return None
+        committed = getattr(session.sync_session, "_committed", None)
+        return None if committed is None else format_position(committed)
+
+    def read_after(self, bookmark: str | None) -> None:
+        """Let the current scope read only from a replica that has replayed past ``bookmark``.
+
+        Call it before the scope's first read; with no replica that far yet, the scope reads
+        from the primary. ``None`` (no bookmark came) and a database without replicas: nothing.
+
+        Raises:
+            ValueError: ``bookmark`` is not one that ``db.bookmark`` gave.
+        """
+        if bookmark is None or self.replicas is None:
+            return
+        position = parse_position(bookmark)
+        if position is None:
+            raise ValueError(
+                f"{bookmark!r} is not a bookmark: pass the text db.bookmark returned after a "
+                "commit (a WAL position such as '16/B374D848'), or None when the client sent none."
+            )
+        self.session.sync_session._read_after = position  # type: ignore[attr-defined]
 
     @contextmanager
     def bound_to(
@@ -190,6 +250,8 @@ class Database:
 
     async def dispose(self) -> None:
         """Close every pooled connection of the engine. Integrations call it at shutdown."""
+        if self.replicas is not None:
+            await self.replicas.dispose()
         await self.engine.dispose()
 
     def __repr__(self) -> str:

@@ -136,6 +136,20 @@ class InsightOffError(AlchemyScopeError):
         )
 
 
+class UnsupportedReplicasError(AlchemyScopeError, ValueError):
+    """Replicas were given to a ``Database`` that is not PostgreSQL: routing is PostgreSQL-only."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(
+            f"Read replicas are routed for PostgreSQL only (for now), and {url} is not "
+            "PostgreSQL: the health checks and bookmarks read PostgreSQL's WAL positions. Give "
+            "replicas= only to a postgresql+asyncpg:// (or +psycopg) primary with PostgreSQL "
+            "streaming replicas; for another backend, leave replicas out and make a separate "
+            "Database(replica_url) for the reads you choose to send there."
+            + _see("UnsupportedReplicasError")
+        )
+
+
 class MissingAsyncDriverError(AlchemyScopeError, ValueError):
     """A database URL names no async driver, or one that is not installed."""
 
