@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from alchemy_scope import Database, is_database_unavailable
+from alchemy_scope import Database, Insight, is_database_unavailable
 from alchemy_scope_fastapi import SessionDep, install
 
 logger = logging.getLogger(__name__)
@@ -47,11 +47,24 @@ if POOL and DATABASE_URL.startswith("sqlite"):  # SQLAlchemy < 2.0.38 gives SQLi
     POOL["poolclass"] = AsyncAdaptedQueuePool
 # DATABASE_PGBOUNCER=1: DATABASE_URL is a PgBouncer in transaction mode (asyncpg set up for it).
 PGBOUNCER = os.environ.get("DATABASE_PGBOUNCER") == "1"
+# DATABASE_INSIGHT=1: each request's database figures logged as it ends, N+1 warnings, and a
+# Server-Timing header on every response (the docs' "Database insight" page).
+INSIGHT = None
+if os.environ.get("DATABASE_INSIGHT") == "1":
+    insight_log = logging.getLogger("alchemy_scope.insight")
+    insight_log.setLevel(logging.INFO)
+    if not insight_log.handlers:
+        insight_log.addHandler(logging.StreamHandler())
+    INSIGHT = Insight(
+        on_scope_end=lambda scope, figures: insight_log.info("%r: %r", scope, figures),
+        server_timing=True,
+    )
 db = Database(
     DATABASE_URL,
     commit="autocommit",
     engine_options={"pool_pre_ping": True, **POOL},
     pgbouncer=PGBOUNCER,
+    insight=INSIGHT,
 )
 
 MAX_TITLE = 200
