@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -219,6 +219,43 @@ async def test_from_the_first_write_everything_goes_to_the_primary(
         assert await where(db, replica_cluster) == "primary"
         await db.session.commit()
         assert await where(db, replica_cluster) == "primary"  # sticky for the whole scope
+
+
+WRITES = {
+    "select for share": select(Note).with_for_update(read=True),
+    "text FOR UPDATE": text("SELECT * FROM notes FOR UPDATE"),
+    "text columns FOR SHARE": text("SELECT id FROM notes FOR SHARE").columns(Note.id),
+    "from_statement UPDATE": select(Note).from_statement(
+        text("UPDATE notes SET body = body RETURNING *")
+    ),
+    "WITH ... DELETE": text("WITH gone AS (DELETE FROM notes RETURNING id) SELECT 1"),
+    "SELECT INTO": text("SELECT * INTO copy FROM notes"),
+    "update()": update(Note).values(body="x"),
+}
+READS = {
+    "select()": select(Note),
+    "union": select(Note.id).union(select(Note.id)),
+    "text SELECT": text("select * from notes"),
+    "text columns": text("SELECT id FROM notes").columns(Note.id),
+    "from_statement SELECT": select(Note).from_statement(text("SELECT * FROM notes")),
+}
+
+
+@pytest.mark.parametrize(
+    ("statement", "writes"),
+    [*((s, True) for s in WRITES.values()), *((s, False) for s in READS.values())],
+    ids=[*WRITES, *READS],
+)
+async def test_statements_that_may_write_go_to_the_primary(
+    make_routed: MakeRouted, statement: Any, writes: bool
+) -> None:
+    """Locking, DML and unknown text go to the primary (sticky); plain SELECTs to the replica."""
+    db = await ready(make_routed())
+    assert db.replicas is not None
+    async with db.scope():
+        bind = db.session.sync_session.get_bind(clause=statement)
+        assert (bind is db.replicas.primary) is writes
+        assert (db.session.sync_session.get_bind(clause=select(1)) is bind) is True
 
 
 async def test_a_begin_block_that_writes_reads_its_writes(

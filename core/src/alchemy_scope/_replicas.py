@@ -73,11 +73,16 @@ def _text_reads_only(sql: str) -> bool:
 
 def _reads_only(clause: ClauseElement) -> bool:
     """Whether ``clause`` is a statement a replica can run: a SELECT that locks nothing."""
-    if getattr(clause, "is_select", False):
-        return getattr(clause, "_for_update_arg", None) is None
     if isinstance(clause, TextClause):
         return _text_reads_only(clause.text)
-    return False
+    element = getattr(clause, "element", None)  # text().columns(), select().from_statement()
+    if isinstance(element, ClauseElement) and (
+        getattr(clause, "is_select", False) or type(clause).__name__ == "FromStatement"
+    ):
+        return _reads_only(element)
+    return bool(getattr(clause, "is_select", False)) and (
+        getattr(clause, "_for_update_arg", None) is None
+    )
 
 
 def format_position(position: int) -> str:
@@ -214,7 +219,14 @@ class RoutingSession(Session):
         if self._on_primary or own is not router.primary:  # wrote, or bound_to() a connection
             assert own is not None
             return own
-        if clause is None or self._flushing or not _reads_only(clause):
+        if clause is None or self._flushing:
+            self._on_primary = True
+            return own
+        # The common case first, in two attribute reads: a select() that locks nothing.
+        plain_select = getattr(clause, "is_select", False) and (
+            getattr(clause, "_for_update_arg", True) is None
+        )
+        if not plain_select and not _reads_only(clause):
             self._on_primary = True
             return own
         if router.forced.get():
