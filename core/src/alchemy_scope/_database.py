@@ -343,7 +343,14 @@ def _close_cursor_before_its_connection(context: Any) -> None:
     sqlite_cursor = getattr(driver_cursor, "_cursor", None)
     queue = getattr(getattr(driver_cursor, "_conn", None), "_tx", None)
     if sqlite_cursor is not None and queue is not None:
-        queue.put_nowait((None, sqlite_cursor.close))
+        done = asyncio.get_running_loop().create_future()  # aiosqlite 0.20 needs one
+        done.add_done_callback(_ignore_outcome)
+        queue.put_nowait((done, sqlite_cursor.close))
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a cursor that failed to close is not worth a log
 
 
 def _connect_aiosqlite(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
