@@ -5,7 +5,8 @@ On a private primary and streaming standby (``tests/replicas.py``'s harness):
 - the routing decision alone: ``get_bind()`` of a session with replicas, for a ``select()``
   once its scope has chosen its replica, against SQLAlchemy's own ``Session.get_bind()``;
 - whole statements: ``SELECT 1`` in one scope, on the standby through the routing session
-  and on the same standby through a plain ``Database`` (the median of paired rounds);
+  and on the same standby through a plain ``Database`` (the median of paired
+  rounds, each first in every other one);
 - recovery, with the default one-second health check: from ``pg_ctl stop`` of the standby
   until a new scope reads from the primary without an error (no request in between), and
   from ``pg_ctl start`` until scopes read from the standby again.
@@ -24,10 +25,10 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from alchemy_scope import Database, Replicas
+from benchmarks.insight_cost import STATEMENTS, per_statement
 from tests.replicas import ReplicaCluster
 
 CALLS = 200_000
-STATEMENTS = 300
 WHERE = text("SELECT pg_is_in_recovery()")
 
 
@@ -49,16 +50,6 @@ async def decision(routed: Database, plain: Database) -> tuple[float, float]:
             _get_bind_seconds(routed.session.sync_session, CALLS),
             _get_bind_seconds(plain.session.sync_session, CALLS),
         )
-
-
-async def per_statement(db: Database) -> float:
-    """Seconds per ``SELECT 1`` in one scope of ``db`` (its connection already open)."""
-    async with db.scope():
-        await db.session.execute(text("SELECT 1"))
-        started = time.perf_counter()
-        for _ in range(STATEMENTS):
-            await db.session.execute(text("SELECT 1"))
-        return (time.perf_counter() - started) / STATEMENTS
 
 
 async def on_replica(db: Database) -> bool:
@@ -108,9 +99,13 @@ async def measure(cluster: ReplicaCluster, rounds: int) -> None:
         f"(+{(routed_bind - plain_bind) * 1e9:.0f} ns)"
     )
     differences = []
-    for _ in range(rounds):
-        with_routing = await per_statement(routed)
-        without = await per_statement(plain)
+    for round_ in range(rounds):  # each Database first in every other round: no order effect
+        if round_ % 2:
+            with_routing = await per_statement(routed)
+            without = await per_statement(plain)
+        else:
+            without = await per_statement(plain)
+            with_routing = await per_statement(routed)
         differences.append(with_routing - without)
     print(
         f"SELECT 1 on the standby: {statistics.median(differences) * 1e6:+.1f} us per "
