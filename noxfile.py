@@ -548,6 +548,19 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python="3.13")
+def browser(session: nox.Session) -> None:
+    """Headless Chromium reads the Server-Timing entries of a page an example serves.
+
+    Under a minute. Needs Debian's chromium and chromium-driver (.ci/run installs them; no
+    browser is downloaded); writes the screenshot docs/img/server-timing.png.
+    """
+    _install(session, "fastapi", extra=("selenium>=4.20",))
+    session.run(
+        "pytest", "tests/test_browser.py", *session.posargs, env={"ALCHEMY_SCOPE_BROWSER": "1"}
+    )
+
+
+@nox.session(python="3.13")
 def reliability(session: nox.Session) -> None:
     """Every example through a real server against a private PostgreSQL: load, faults, leaks.
 

@@ -79,8 +79,8 @@ class ScopeFigures:
         statements: Statements executed (an ``executemany`` counts once).
         statement_time: Seconds spent executing them (a streamed result's later fetches
             aside).
-        pool_wait: Seconds spent waiting for a connection from the pool, opening a new one
-            included.
+        pool_wait: Seconds spent getting a connection from the pool: waiting for a free
+            one, opening a new one, and the ``pool_pre_ping`` ping included.
         rows: Rows the statements returned; a streamed (server-side cursor) result's rows are
             not counted.
         commits: COMMITs and RELEASE SAVEPOINTs sent.
