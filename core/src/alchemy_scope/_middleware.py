@@ -91,13 +91,14 @@ def _watching_send(current: Scope, send: Send, timed: list[EngineWatch] | None) 
     ``timed``: the engines whose figures go in a Server-Timing header (an empty list: no
     header; ``None``: those of the scope that ask for one).
     """
+    timing = timed is None or bool(timed)
 
     async def send_in_scope(message: Message) -> None:
         if message["type"] == "http.response.start":
             current.status = message["status"]
         if current._opened and not await before_send(current, message, send):
             return
-        if message["type"] == "http.response.start" and timed != []:
+        if timing and message["type"] == "http.response.start":
             message = _with_server_timing(current, message, timed)
         await send(message)
 
