@@ -20,7 +20,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from alchemy_scope import (
-    BookmarkCookie,
     Database,
     Replicas,
     ScopeMiddleware,
@@ -137,21 +136,17 @@ async def test_misconfigured_replicas_say_how_to_fix_them() -> None:
         Replicas([url], max_lag=0)
     with pytest.raises(ValueError, match="round-robin"):
         Replicas([url], choice="nearest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cannot name a cookie"):
+        Replicas([url], bookmark_cookie="a b;")
     with pytest.raises(TypeError, match="sync_session_class"):
         Database(url, replicas=[url], session_options={"sync_session_class": Session})
     db = Database(url, replicas=[url])
     try:
-        with pytest.raises(ValueError, match="read_your_writes=True"):
-            BookmarkCookie(ScopeMiddleware(_no_app), db)
         async with db.scope():
             with pytest.raises(ValueError, match="is not a bookmark"):
                 db.read_after("yesterday")
     finally:
         await db.dispose()
-
-
-async def _no_app(scope: Any, receive: Any, send: Any) -> None:
-    """An ASGI app that is never called."""
 
 
 # --- routing ------------------------------------------------------------------------------
@@ -410,8 +405,8 @@ async def test_a_bookmark_reads_from_the_primary_until_the_replica_has_replayed_
 async def test_bookmark_cookie_gives_a_client_its_own_writes(
     make_routed: MakeRouted, replica_cluster: ReplicaCluster
 ) -> None:
-    """Through BookmarkCookie an autocommit POST sets the cookie; the next GET reads its write."""
-    db = await ready(make_routed(commit="autocommit", max_lag=60, read_your_writes=True))
+    """With bookmark_cookie, an autocommit POST's response sets it; the next GET reads its write."""
+    db = await ready(make_routed(commit="autocommit", max_lag=60, bookmark_cookie="db_bookmark"))
     assert db.replicas is not None
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -423,16 +418,19 @@ async def test_bookmark_cookie_gives_a_client_its_own_writes(
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
-    asgi = BookmarkCookie(ScopeMiddleware(app, databases=[db]), db)
+    asgi = ScopeMiddleware(app, databases=[db])
     await replica_cluster.pause_replay()
     transport = httpx.ASGITransport(app=asgi)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         posted = await client.post("/notes")
         assert posted.text == "primary 1"
-        assert "db_bookmark=" in posted.headers["set-cookie"]
+        assert posted.headers["set-cookie"].startswith("db_bookmark=")
+        assert "Max-Age=60" in posted.headers["set-cookie"]
         await db.replicas.check()
         assert (await client.get("/notes")).text == "primary 1"  # the standby has not replayed
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as stranger:
             assert (await stranger.get("/notes")).text == "replica 0"  # no cookie: stale is fine
+            stranger.cookies.set("db_bookmark", "not-a-position")
+            assert (await stranger.get("/notes")).text == "replica 0"  # garbage is ignored
         await resume(db, replica_cluster)
         assert (await client.get("/notes")).text == "replica 1"

@@ -30,7 +30,7 @@ from ._insight import Insight, ScopeFigures
 from ._lifecycle import ScopeBlock, scope
 from ._middleware import ScopeMiddleware
 from ._pgbouncer import pgbouncer_engine_options
-from ._replicas import BookmarkCookie, PrimaryBlock, Replica, Replicas, ReplicaSet
+from ._replicas import PrimaryBlock, Replica, Replicas, ReplicaSet
 from ._scope import Scope, current_scope, fail_current_scope
 
 __version__ = "0.1.0"
@@ -38,7 +38,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AlchemyScopeError",
     "AlreadyInstalledError",
-    "BookmarkCookie",
     "CommitPolicy",
     "ConcurrentSessionUseError",
     "Database",

@@ -7,6 +7,7 @@ from typing import Any
 
 from ._insight import EngineWatch, server_timing
 from ._lifecycle import Message, Send, before_send, enter, leave
+from ._replicas import ReplicaSet, bookmark_cookies, with_bookmark_cookies
 from ._scope import Scope, SessionOwner
 
 Receive = Callable[[], Awaitable[Message]]
@@ -35,7 +36,10 @@ class ScopeMiddleware:
 
     A database created with ``insight=Insight(server_timing=True)`` among ``databases`` (or
     any such database the request used, with ``databases=None``) adds a ``Server-Timing``
-    header to each HTTP response, as its figures stand when the response starts.
+    header to each HTTP response, as its figures stand when the response starts. A database
+    with ``Replicas(..., bookmark_cookie=name)`` among ``databases`` has its bookmark read from
+    that cookie of each request and set on the response of a request that committed a write
+    (after the commit that precedes the response).
     """
 
     def __init__(
@@ -48,12 +52,13 @@ class ScopeMiddleware:
         self.app = app
         self.serialize = serialize
         self.watching = databases is None or any(db.autocommits for db in databases)
+        self.bookmarks = bookmark_cookies(databases)  # None: no database sets bookmark cookies
         # The figures a Server-Timing header shows; None: those of the request's scope.
         self.timed: list[EngineWatch] | None = None
         if databases is not None:
             watches = (getattr(db, "_insight", None) for db in databases)
             self.timed = [watch for watch in watches if watch and watch.server_timing]
-            self.watching = self.watching or bool(self.timed)
+            self.watching = self.watching or bool(self.timed) or self.bookmarks is not None
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -70,7 +75,9 @@ class ScopeMiddleware:
         token = enter(current)
         try:
             if watching:
-                await self.app(scope, receive, _watching_send(current, send, self.timed))
+                await self.app(
+                    scope, receive, _watching_send(current, send, self.timed, self.bookmarks)
+                )
             else:  # manual commits only: nothing to do before the response is sent
                 await self.app(scope, receive, send)
         except BaseException as exc:
@@ -85,7 +92,12 @@ class ScopeMiddleware:
             await ending
 
 
-def _watching_send(current: Scope, send: Send, timed: list[EngineWatch] | None) -> Send:
+def _watching_send(
+    current: Scope,
+    send: Send,
+    timed: list[EngineWatch] | None,
+    bookmarks: list[ReplicaSet] | None = None,
+) -> Send:
     """Wrap ``send`` to learn the response status and commit before the client hears of it.
 
     ``timed``: the engines whose figures go in a Server-Timing header (an empty list: no
@@ -100,6 +112,8 @@ def _watching_send(current: Scope, send: Send, timed: list[EngineWatch] | None) 
             return
         if timing and message["type"] == "http.response.start":
             message = _with_server_timing(current, message, timed)
+        if bookmarks is not None and message["type"] == "http.response.start":
+            message = with_bookmark_cookies(current, message, bookmarks)
         await send(message)
 
     return send_in_scope

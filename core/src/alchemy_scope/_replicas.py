@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 
 from ._errors import UnsupportedReplicasError, _driver_says_unavailable
+from ._scope import SessionOwner, _current_scope
 
 logger = logging.getLogger("alchemy_scope")
 
@@ -58,6 +59,7 @@ _PRIMARY_FLUSHED = text("SELECT pg_wal_lsn_diff(pg_current_wal_flush_lsn(), '0/0
 # Run on the primary's connection right after COMMIT: past the commit record, for bookmarks.
 _AFTER_COMMIT = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
 _UNKNOWN_POSITION = 2**64 - 1  # a commit whose position could not be read: no replica is past it
+_COOKIE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 # Text statements that only read: a plain SELECT (or SHOW, VALUES, TABLE) without a locking
 # clause and without INTO. Anything else (WITH, which may hide a write, EXPLAIN ANALYZE, ...)
@@ -119,7 +121,14 @@ class Replicas:
             or ``"random"``.
         read_your_writes: Record where in the WAL each commit of a scope that wrote ended
             (one query on the primary after such a commit), as the bookmark
-            ``db.bookmark`` returns and ``BookmarkCookie`` hands to clients.
+            ``db.bookmark`` returns and ``db.read_after()`` takes back.
+        bookmark_cookie: The name of a cookie that carries the bookmark (implies
+            ``read_your_writes``): the response to a request that committed a write sets
+            it, and a request that brings it back reads from a replica only once that
+            replica has replayed past it. ``ScopeMiddleware`` (so every integration) handles
+            it for the databases it is given.
+        bookmark_max_age: How long the client keeps the cookie, in seconds: past the
+            replicas' usual lag.
 
     Raises:
         ValueError: No replica was given, or a number or ``choice`` is out of range.
@@ -134,6 +143,8 @@ class Replicas:
         check_timeout: float | None = None,
         choice: Choice = "round-robin",
         read_your_writes: bool = False,
+        bookmark_cookie: str | None = None,
+        bookmark_max_age: int = 60,
     ) -> None:
         self.replicas = tuple(replicas)
         if not self.replicas:
@@ -151,8 +162,14 @@ class Replicas:
         self.max_lag = max_lag
         self.check_interval = check_interval
         self.check_timeout = check_interval if check_timeout is None else check_timeout
+        if bookmark_cookie is not None and not _COOKIE_NAME.fullmatch(bookmark_cookie):
+            raise ValueError(
+                f"{bookmark_cookie!r} cannot name a cookie: use letters, digits, '_' and '-'."
+            )
         self.choice: Choice = choice
-        self.read_your_writes = read_your_writes
+        self.read_your_writes = read_your_writes or bookmark_cookie is not None
+        self.bookmark_cookie = bookmark_cookie
+        self.bookmark_max_age = bookmark_max_age
 
 
 class Replica:
@@ -179,16 +196,6 @@ class Replica:
         url = self.engine.url.render_as_string(hide_password=True)
         state = "usable" if self.usable else f"skipped ({self.error or f'lag {self.lag}'})"
         return f"<Replica {url} {state}>"
-
-
-class _Bookmarks:
-    """What ``BookmarkCookie`` shares with the sessions of one request."""
-
-    __slots__ = ("incoming", "outgoing")
-
-    def __init__(self, incoming: int | None) -> None:
-        self.incoming = incoming
-        self.outgoing: int | None = None
 
 
 class RoutingSession(Session):
@@ -334,9 +341,8 @@ class ReplicaSet:
         self._usable: tuple[Replica, ...] = ()
         self._turn = itertools.count()
         self.forced: ContextVar[bool] = ContextVar("alchemy_scope.use_primary", default=False)
-        self.cookie: ContextVar[_Bookmarks | None] = ContextVar(
-            "alchemy_scope.bookmarks", default=None
-        )
+        cookie = settings.bookmark_cookie
+        self._cookie_prefix = None if cookie is None else cookie.encode() + b"="
         self._watcher: asyncio.Task[None] | None = None
         self.session_class: type[RoutingSession] = type(
             "RoutingSession", (RoutingSession,), {"_router": self}
@@ -353,9 +359,10 @@ class ReplicaSet:
         """The replica a new scope reads from, or the primary when none is usable."""
         self._watch()
         usable = self._usable
-        cookie = self.cookie.get()
-        if cookie is not None and cookie.incoming is not None:
-            read_after = max(read_after or 0, cookie.incoming)
+        if self._cookie_prefix is not None:
+            brought = self._brought()
+            if brought is not None:
+                read_after = max(read_after or 0, brought)
         if read_after is not None:
             usable = tuple(replica for replica in usable if replica.replayed >= read_after)
         if not usable:
@@ -365,6 +372,32 @@ class ReplicaSet:
         if self.settings.choice == "random":
             return random.choice(usable).sync_engine
         return usable[next(self._turn) % len(usable)].sync_engine
+
+    def _brought(self) -> int | None:
+        """The bookmark the current scope's request brought in its cookie, if any."""
+        current = _current_scope.get()
+        request = None if current is None else current._request
+        prefix = self._cookie_prefix
+        if request is None or prefix is None:
+            return None
+        for key, value in request.get("headers", ()):
+            if key == b"cookie":
+                for part in value.split(b";"):
+                    pair = part.strip()
+                    if pair.startswith(prefix):  # a client's garbage is no bookmark: ignored
+                        return parse_position(pair[len(prefix) :].decode("latin-1"))
+        return None
+
+    def set_cookie(self, session: Any) -> bytes | None:
+        """The ``Set-Cookie`` value for a response whose scope committed ``session``'s writes."""
+        committed = getattr(getattr(session, "sync_session", None), "_committed", None)
+        if committed is None or self._cookie_prefix is None:
+            return None
+        return (
+            self._cookie_prefix
+            + format_position(committed).encode()
+            + f"; Max-Age={self.settings.bookmark_max_age}; Path=/; HttpOnly; SameSite=Lax".encode()
+        )
 
     def _refresh(self) -> None:
         self._usable = tuple(replica for replica in self.replicas if replica.usable)
@@ -465,9 +498,29 @@ class ReplicaSet:
             logger.warning("The WAL position after a commit could not be read", exc_info=True)
             position = _UNKNOWN_POSITION
         session._committed = max(session._committed or 0, position)
-        cookie = self.cookie.get()
-        if cookie is not None:
-            cookie.outgoing = max(cookie.outgoing or 0, position)
+
+
+def bookmark_cookies(databases: Iterable[SessionOwner] | None) -> list[ReplicaSet] | None:
+    """The replica sets among ``databases`` whose bookmarks travel in a cookie, or ``None``."""
+    found = [
+        replicas
+        for replicas in (getattr(db, "replicas", None) for db in databases or ())
+        if isinstance(replicas, ReplicaSet) and replicas.settings.bookmark_cookie is not None
+    ]
+    return found or None
+
+
+def with_bookmark_cookies(scope: Any, message: Any, sets: list[ReplicaSet]) -> Any:
+    """``message`` (a response start) plus a cookie per database whose scope committed a write."""
+    cookies = [
+        (b"set-cookie", value)
+        for owner, session in scope._opened
+        if (replicas := getattr(owner, "replicas", None)) in sets
+        and (value := replicas.set_cookie(session)) is not None
+    ]
+    if not cookies:
+        return message
+    return {**message, "headers": [*message.get("headers", ()), *cookies]}
 
 
 def _lost(router: ReplicaSet, context: Any) -> None:
@@ -477,77 +530,3 @@ def _lost(router: ReplicaSet, context: Any) -> None:
         for replica in router.replicas:
             if replica.sync_engine is context.engine:
                 router._mark_down(replica, error)
-
-
-Message = MutableMapping[str, Any]
-ASGIScope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[ASGIScope, Receive, Send], Awaitable[None]]
-
-
-class BookmarkCookie:
-    """Read-your-writes across requests through a cookie: an ASGI wrapper around the whole app.
-
-    A response to a request that committed a write carries the cookie (the WAL position its
-    commit ended at); a request that brings it back reads from a replica only once that
-    replica has replayed past it, else from the primary. Wrap the app outside the
-    integration (``app = BookmarkCookie(app, db)``), so that the commit before the response
-    starts (``commit="autocommit"``) comes first.
-
-    Args:
-        app: The ASGI app, with its alchemy-scope integration installed.
-        database: A ``Database`` with ``Replicas(..., read_your_writes=True)``.
-        name: The cookie's name.
-        max_age: How long the client keeps it, in seconds; past the replicas' usual lag.
-
-    Raises:
-        ValueError: ``database`` has no replicas, or does not record bookmarks.
-    """
-
-    def __init__(
-        self, app: ASGIApp, database: Any, *, name: str = "db_bookmark", max_age: int = 60
-    ) -> None:
-        replicas: ReplicaSet | None = getattr(database, "replicas", None)
-        if replicas is None or not replicas.settings.read_your_writes:
-            raise ValueError(
-                f"BookmarkCookie needs a Database that records bookmarks: "
-                f"Database(url, replicas=Replicas([...], read_your_writes=True)); {database!r} "
-                f"{'has no replicas' if replicas is None else 'does not record them'}."
-            )
-        self.app = app
-        self._cookie = replicas.cookie
-        self._name = name.encode("latin-1")
-        self._attributes = f"; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax".encode()
-
-    def _incoming(self, scope: ASGIScope) -> int | None:
-        prefix = self._name + b"="
-        for key, value in scope.get("headers", ()):
-            if key == b"cookie":
-                for part in value.split(b";"):
-                    pair = part.strip()
-                    if pair.startswith(prefix):
-                        return parse_position(pair[len(prefix) :].decode("latin-1"))
-        return None
-
-    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        bookmarks = _Bookmarks(self._incoming(scope))
-
-        async def send_with_cookie(message: Message) -> None:
-            position = bookmarks.outgoing
-            if message["type"] == "http.response.start" and position is not None:
-                cookie = self._name + b"=" + format_position(position).encode() + self._attributes
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", ()), (b"set-cookie", cookie)],
-                }
-            await send(message)
-
-        token = self._cookie.set(bookmarks)
-        try:
-            await self.app(scope, receive, send_with_cookie)
-        finally:
-            self._cookie.reset(token)
