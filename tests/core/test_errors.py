@@ -20,6 +20,7 @@ from alchemy_scope import (
     AlchemyScopeError,
     AlreadyInstalledError,
     ConcurrentSessionUseError,
+    InsightOffError,
     MissingAsyncDriverError,
     NoScopeError,
     ScopeClosedError,
@@ -213,6 +214,7 @@ def test_async_drivers_pass(url: str) -> None:
         AlreadyInstalledError("`install(app, db)`"),
         MissingAsyncDriverError("sqlite", "uses pysqlite, a synchronous driver"),
         UnwatchedDatabaseError("Database('sqlite+aiosqlite://', commit='autocommit')"),
+        InsightOffError("Database('sqlite+aiosqlite://', commit='manual')"),
     ],
     ids=lambda error: type(error).__name__,
 )
@@ -237,5 +239,6 @@ def test_every_public_exception_has_a_link_test() -> None:
         "AlreadyInstalledError",
         "MissingAsyncDriverError",
         "UnwatchedDatabaseError",
+        "InsightOffError",
     }
     assert exported <= tested
