@@ -23,6 +23,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nox
 from packaging.requirements import Requirement
@@ -577,6 +578,135 @@ def reliability(session: nox.Session) -> None:
         "reliability/requirements.txt",
     )
     session.run("python", "-m", "reliability", *session.posargs)
+
+
+# --- nox -s pgbouncer: the PostgreSQL leg through a real PgBouncer in transaction mode ------
+PGBOUNCER_TESTS = [
+    "tests/core/test_pgbouncer.py",
+    "tests/core/test_pytest_plugin.py",
+    "tests/adapters",
+    "tests/examples",
+]
+_PGBOUNCER_INI = """\
+[databases]
+* = host={host} port={port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {listen}
+unix_socket_dir =
+auth_type = trust
+auth_file = {directory}/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 500
+logfile = {directory}/pgbouncer.log
+pidfile = {directory}/pgbouncer.pid
+"""
+
+
+def _pgbouncer_binary(session: nox.Session) -> str:
+    """Debian's pgbouncer: installed with apt-get when missing and root; on CI, required."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if found is None and hasattr(os, "geteuid") and os.geteuid() == 0:
+        install = ["apt-get", "install", "-y", "-q", "pgbouncer"]
+        if session.run(*install, external=True, success_codes=[0, 100]) is False:
+            session.run("apt-get", "update", "-q", external=True)
+            session.run(*install, external=True)
+        found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if found is not None:
+        return found
+    message = "pgbouncer is not installed: apt-get install -y pgbouncer (Debian's package)"
+    if os.environ.get("CI"):
+        session.error(message)
+    session.skip(message)
+    raise AssertionError("unreachable: session.skip() raises")
+
+
+def _start_pgbouncer(
+    session: nox.Session, binary: str, server: str, directory: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start PgBouncer (transaction pooling, trust) on a free port in front of ``server``.
+
+    Returns the process and its port; its files (ini, log) are in ``directory``.
+    """
+    url = urlsplit(server)
+    listen = _free_port()
+    ini = directory / "pgbouncer.ini"
+    ini.write_text(
+        _PGBOUNCER_INI.format(
+            host=url.hostname, port=url.port or 5432, listen=listen, directory=directory
+        )
+    )
+    (directory / "userlist.txt").write_text(f'"{url.username or "postgres"}" ""\n')
+    # PgBouncer refuses to run as root: then as the postgres user, which owns ``directory``.
+    root = os.geteuid() == 0
+    if root:
+        for path in [directory, *directory.iterdir()]:
+            shutil.chown(path, "postgres", "postgres")
+    process = subprocess.Popen(
+        [binary, str(ini)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        user="postgres" if root else None,
+        group="postgres" if root else None,
+        extra_groups=[] if root else None,
+    )
+    log = directory / "pgbouncer.log"
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", listen), timeout=0.1).close()
+            break
+        except OSError:
+            if process.poll() is not None:
+                session.error(f"pgbouncer exited:\n{log.read_text() if log.exists() else ''}")
+            time.sleep(0.05)
+    else:
+        process.terminate()
+        session.error(f"pgbouncer did not listen on 127.0.0.1:{listen} within 10 s")
+    session.log(f"PgBouncer {binary} on 127.0.0.1:{listen} -> {url.hostname}:{url.port}")
+    return process, listen
+
+
+@nox.session(python="3.13")
+def pgbouncer(session: nox.Session) -> None:
+    """The PostgreSQL leg through a real PgBouncer in transaction mode (the fourth leg).
+
+    Starts Debian's pgbouncer (1.18: no prepared statements in transaction mode; installed
+    with apt-get when missing and root, required on CI) on a free loopback port, with
+    pool_mode=transaction and auth_type=trust, in front of the PostgreSQL server of
+    ALCHEMY_SCOPE_TEST_DATABASES (default 127.0.0.1:5432). With core and every adapter
+    installed together on Python 3.13, it runs on that leg alone (-k pgbouncer): the
+    PgBouncer tests, the pytest plugin's tests, every adapter's scenarios and fault matrix,
+    and every example's contract, each Database made with pgbouncer=True (the examples with
+    DATABASE_PGBOUNCER=1); the slowest tests run their sample (as off the newest Python in
+    `nox -s tests`). The run's database is created and dropped on PostgreSQL itself. About 3
+    minutes on two busy cores; `nox -s pgbouncer -- tests/adapters/test_starlette.py` runs
+    less.
+    """
+    binary = _pgbouncer_binary(session)
+    directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
+    session.install(
+        *(arg for directory in directories for arg in ("-e", directory)), *TEST_DEPENDENCIES
+    )
+    listed = os.environ.get(DATABASES, "").split()
+    server = next(
+        (url for url in listed if url.startswith("postgresql")), _SERVER_LEGS["postgresql"]
+    )
+    directory = Path(tempfile.mkdtemp(prefix="alchemy-scope-pgbouncer-"))
+    process, port = _start_pgbouncer(session, binary, server, directory)
+    try:
+        env = {
+            DATABASES: server,
+            "ALCHEMY_SCOPE_TEST_PGBOUNCER": f"127.0.0.1:{port}",
+        }
+        paths = [arg for arg in session.posargs if not arg.startswith("-")] or PGBOUNCER_TESTS
+        options = [arg for arg in session.posargs if arg.startswith("-")]
+        session.run("pytest", *paths, "-k", "pgbouncer", *options, env=env)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 MUTMUT = "mutmut==3.8.1"  # pinned: the session reads its stats file and its mutated modules

@@ -93,7 +93,11 @@ async def _busy_clients(databases: list[Database]) -> None:
                 )
                 await db.session.execute(text("SELECT 1"))
 
-    await asyncio.gather(*(work(db, n) for n, db in enumerate(databases) for _ in range(3)))
+    # Every client runs to its end, failed or not: none is left holding a connection.
+    jobs = (work(db, n) for n, db in enumerate(databases) for _ in range(3))
+    errors = [e for e in await asyncio.gather(*jobs, return_exceptions=True) if e is not None]
+    if errors:
+        raise errors[0]
 
 
 async def test_many_clients_through_pgbouncer_run_every_statement(bouncer_url: str) -> None:
