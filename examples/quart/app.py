@@ -21,7 +21,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 from werkzeug.exceptions import BadRequest, Conflict, HTTPException, NotFound, UnprocessableEntity
 from werkzeug.routing import BaseConverter
 
-from alchemy_scope import Database, Insight, is_database_unavailable
+from alchemy_scope import Database, Insight, Replicas, is_database_unavailable
 from alchemy_scope_quart import AlchemyScope
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///todos.db")
@@ -49,12 +49,17 @@ if os.environ.get("DATABASE_INSIGHT") == "1":
         on_scope_end=lambda scope, figures: insight_log.info("%r: %r", scope, figures),
         server_timing=True,
     )
+# DATABASE_REPLICA_URLS: PostgreSQL streaming replicas (space-separated URLs) that serve the
+# reads; the db_bookmark cookie keeps each client's own writes visible to it (docs: Scaling out).
+REPLICA_URLS = os.environ.get("DATABASE_REPLICA_URLS", "").split()
+REPLICAS = Replicas(REPLICA_URLS, bookmark_cookie="db_bookmark") if REPLICA_URLS else None
 db = Database(
     DATABASE_URL,
     commit="autocommit",
     engine_options={"pool_pre_ping": True, **POOL},
     pgbouncer=PGBOUNCER,
     insight=INSIGHT,
+    replicas=REPLICAS,
 )
 
 app = Quart(__name__)

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from alchemy_scope import Database, Insight, is_database_unavailable
+from alchemy_scope import Database, Insight, Replicas, is_database_unavailable
 from alchemy_scope_starlette import install
 
 logger = logging.getLogger(__name__)
@@ -55,12 +55,17 @@ if os.environ.get("DATABASE_INSIGHT") == "1":
         on_scope_end=lambda scope, figures: insight_log.info("%r: %r", scope, figures),
         server_timing=True,
     )
+# DATABASE_REPLICA_URLS: PostgreSQL streaming replicas (space-separated URLs) that serve the
+# reads; the db_bookmark cookie keeps each client's own writes visible to it (docs: Scaling out).
+REPLICA_URLS = os.environ.get("DATABASE_REPLICA_URLS", "").split()
+REPLICAS = Replicas(REPLICA_URLS, bookmark_cookie="db_bookmark") if REPLICA_URLS else None
 db = Database(
     DATABASE_URL,
     commit="autocommit",
     engine_options={"pool_pre_ping": True, **POOL},
     pgbouncer=PGBOUNCER,
     insight=INSIGHT,
+    replicas=REPLICAS,
 )
 
 MAX_TITLE = 200
