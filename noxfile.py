@@ -8,8 +8,10 @@ SQLite always; PostgreSQL and MariaDB when ALCHEMY_SCOPE_TEST_DATABASES lists th
 from __future__ import annotations
 
 import atexit
+import configparser
 import datetime
 import fnmatch
+import io
 import json
 import os
 import re
@@ -587,22 +589,39 @@ PGBOUNCER_TESTS = [
     "tests/adapters",
     "tests/examples",
 ]
-_PGBOUNCER_INI = """\
-[databases]
-* = host={host} port={port}
+PGBOUNCER_PAGE = ROOT / "docs" / "pgbouncer.md"  # its pgbouncer.ini is the one the leg runs
 
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {listen}
-unix_socket_dir =
-auth_type = trust
-auth_file = {directory}/userlist.txt
-pool_mode = transaction
-default_pool_size = 20
-max_client_conn = 500
-logfile = {directory}/pgbouncer.log
-pidfile = {directory}/pgbouncer.pid
-"""
+
+def _pgbouncer_ini(server: str, listen: int, directory: Path) -> str:
+    """docs/pgbouncer.md's pgbouncer.ini, for a test run in ``directory``.
+
+    Its [pgbouncer] settings (transaction pooling, pool sizes, timeouts) as they are; then a
+    ``*`` wildcard database on ``server``, the port ``listen``, no Unix socket, and trust for
+    the server URL's user, with the log and pid files in ``directory``.
+    """
+    block = re.search(r"^```ini\n(.*?)^```$", PGBOUNCER_PAGE.read_text(), flags=re.M | re.S)
+    if block is None:
+        raise ValueError(f"{PGBOUNCER_PAGE.relative_to(ROOT)} shows no ```ini block")
+    config = configparser.ConfigParser(interpolation=None, delimiters=("=",))
+    config.optionxform = str  # type: ignore[assignment,method-assign]  # keep keys' case
+    config.read_string(block.group(1))
+    url = urlsplit(server)
+    config["databases"] = {"*": f"host={url.hostname} port={url.port or 5432}"}
+    (directory / "userlist.txt").write_text(f'"{url.username or "postgres"}" ""\n')
+    config["pgbouncer"].update(
+        listen_addr="127.0.0.1",
+        listen_port=str(listen),
+        unix_socket_dir="",
+        auth_type="trust",
+        auth_file=str(directory / "userlist.txt"),
+        logfile=str(directory / "pgbouncer.log"),
+        pidfile=str(directory / "pgbouncer.pid"),
+    )
+    if config["pgbouncer"].get("pool_mode") != "transaction":
+        raise ValueError(f"{PGBOUNCER_PAGE.relative_to(ROOT)}: pool_mode is not transaction")
+    text = io.StringIO()
+    config.write(text)
+    return text.getvalue()
 
 
 def _pgbouncer_binary(session: nox.Session) -> str:
@@ -630,15 +649,9 @@ def _start_pgbouncer(
 
     Returns the process and its port; its files (ini, log) are in ``directory``.
     """
-    url = urlsplit(server)
     listen = _free_port()
     ini = directory / "pgbouncer.ini"
-    ini.write_text(
-        _PGBOUNCER_INI.format(
-            host=url.hostname, port=url.port or 5432, listen=listen, directory=directory
-        )
-    )
-    (directory / "userlist.txt").write_text(f'"{url.username or "postgres"}" ""\n')
+    ini.write_text(_pgbouncer_ini(server, listen, directory))
     # PgBouncer refuses to run as root: then as the postgres user, which owns ``directory``.
     root = os.geteuid() == 0
     if root:
@@ -664,7 +677,7 @@ def _start_pgbouncer(
     else:
         process.terminate()
         session.error(f"pgbouncer did not listen on 127.0.0.1:{listen} within 10 s")
-    session.log(f"PgBouncer {binary} on 127.0.0.1:{listen} -> {url.hostname}:{url.port}")
+    session.log(f"PgBouncer ({binary}, {PGBOUNCER_PAGE.name}'s settings) on 127.0.0.1:{listen}")
     return process, listen
 
 
@@ -673,8 +686,8 @@ def pgbouncer(session: nox.Session) -> None:
     """The PostgreSQL leg through a real PgBouncer in transaction mode (the fourth leg).
 
     Starts Debian's pgbouncer (1.18: no prepared statements in transaction mode; installed
-    with apt-get when missing and root, required on CI) on a free loopback port, with
-    pool_mode=transaction and auth_type=trust, in front of the PostgreSQL server of
+    with apt-get when missing and root, required on CI) on a free loopback port, with the
+    settings docs/pgbouncer.md shows (transaction pooling) and trust, in front of the server of
     ALCHEMY_SCOPE_TEST_DATABASES (default 127.0.0.1:5432). With core and every adapter
     installed together on Python 3.13, it runs on that leg alone (-k pgbouncer): the
     PgBouncer tests, the pytest plugin's tests, every adapter's scenarios and fault matrix,
