@@ -110,6 +110,11 @@ async def test_without_replicas_sessions_and_bind_are_unchanged(tmp_path: Any) -
                 assert await db.session.scalar(text("SELECT 1")) == 1
             db.read_after("0/1")
             assert db.bookmark is None
+
+        async def route() -> int:
+            return 1
+
+        assert db.use_primary()(route) is route  # nothing wrapped either
     finally:
         await db.dispose()
 
@@ -134,6 +139,8 @@ async def test_misconfigured_replicas_say_how_to_fix_them() -> None:
         Replicas([])
     with pytest.raises(ValueError, match="max_lag"):
         Replicas([url], max_lag=0)
+    with pytest.raises(ValueError, match="check_timeout"):
+        Replicas([url], check_timeout=-1)
     with pytest.raises(ValueError, match="round-robin"):
         Replicas([url], choice="nearest")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cannot name a cookie"):
@@ -143,8 +150,9 @@ async def test_misconfigured_replicas_say_how_to_fix_them() -> None:
     db = Database(url, replicas=[url])
     try:
         async with db.scope():
-            with pytest.raises(ValueError, match="is not a bookmark"):
-                db.read_after("yesterday")
+            for junk in ("yesterday", "0/zz", "123456789/0"):
+                with pytest.raises(ValueError, match="is not a bookmark"):
+                    db.read_after(junk)
     finally:
         await db.dispose()
 
@@ -287,20 +295,60 @@ async def test_use_primary_covers_a_block_and_a_route(
         assert await where(db, replica_cluster) == "replica"
 
 
-async def test_each_scope_keeps_one_replica_chosen_round_robin(make_routed: MakeRouted) -> None:
-    """Scopes take the replicas in turn; every read of one scope stays on its replica."""
-    db = await ready(make_routed(standbys=2))
+async def _chosen(db: Database, scopes: int) -> list[int]:
+    """Which replica (by index) each of ``scopes`` new scopes read from, checking it stays."""
     assert db.replicas is not None
     engines = [replica.sync_engine for replica in db.replicas.replicas]
     chosen = []
-    for _ in range(4):
+    for _ in range(scopes):
         async with db.scope():
             await db.session.execute(text("SELECT 1"))
             bind = db.session.sync_session.get_bind(clause=select(1))
             await db.session.execute(text("SELECT 2"))
             assert db.session.sync_session.get_bind(clause=select(1)) is bind
             chosen.append(engines.index(bind))  # type: ignore[arg-type]
-    assert chosen in ([0, 1, 0, 1], [1, 0, 1, 0])
+    return chosen
+
+
+async def test_each_scope_keeps_one_replica_chosen_round_robin(make_routed: MakeRouted) -> None:
+    """Scopes take the replicas in turn; every read of one scope stays on its replica."""
+    db = await ready(make_routed(standbys=2))
+    assert await _chosen(db, 4) in ([0, 1, 0, 1], [1, 0, 1, 0])
+
+
+async def test_random_choice_uses_every_replica_one_per_scope(make_routed: MakeRouted) -> None:
+    """choice="random": each scope stays on one replica, and over 30 scopes both are used."""
+    db = await ready(make_routed(standbys=2, choice="random"))
+    assert set(await _chosen(db, 30)) == {0, 1}
+
+
+async def test_a_server_that_is_not_a_standby_is_never_a_replica(
+    replica_cluster: ReplicaCluster,
+) -> None:
+    """A primary (or a promoted standby) given as replica is skipped: not in recovery."""
+    db = Database(replica_cluster.primary_url, replicas=[replica_cluster.primary_url])
+    try:
+        assert db.replicas is not None
+        await db.replicas.check()
+        (replica,) = db.replicas.replicas
+        assert not replica.usable
+        assert "not in recovery" in str(replica.error)
+    finally:
+        await db.dispose()
+
+
+async def test_a_failing_statement_leaves_the_replica_usable(
+    make_routed: MakeRouted, replica_cluster: ReplicaCluster
+) -> None:
+    """A statement's own error on the replica (bad SQL) is the app's: the replica stays in use."""
+    db = await ready(make_routed())
+    async with db.scope():
+        with pytest.raises(DBAPIError, match="no_such_table"):
+            await db.session.execute(text("SELECT * FROM no_such_table"))
+    assert db.replicas is not None
+    assert db.replicas.replicas[0].usable
+    async with db.scope():
+        assert await where(db, replica_cluster) == "replica"
 
 
 # --- health -------------------------------------------------------------------------------
@@ -382,7 +430,8 @@ async def test_a_bookmark_reads_from_the_primary_until_the_replica_has_replayed_
     assert db.replicas is not None
     await replica_cluster.pause_replay()
     async with db.scope():
-        db.session.add(Note(body="saved"))
+        async with db.session.begin_nested():  # a savepoint released is no commit yet
+            db.session.add(Note(body="saved"))
         assert db.bookmark is None
         await db.session.commit()
         bookmark = db.bookmark
@@ -430,7 +479,10 @@ async def test_bookmark_cookie_gives_a_client_its_own_writes(
         assert (await client.get("/notes")).text == "primary 1"  # the standby has not replayed
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as stranger:
             assert (await stranger.get("/notes")).text == "replica 0"  # no cookie: stale is fine
+            stranger.cookies.set("other", "1")
             stranger.cookies.set("db_bookmark", "not-a-position")
             assert (await stranger.get("/notes")).text == "replica 0"  # garbage is ignored
         await resume(db, replica_cluster)
         assert (await client.get("/notes")).text == "replica 1"
+    async with db.scope():  # a scope without a request has no cookie to read
+        assert await where(db, replica_cluster) == "replica"

@@ -486,8 +486,12 @@ class ReplicaSet:
 
     def _after_commit(self, session: Session) -> None:
         """A scope that wrote committed: record where in the WAL its commit ended."""
-        transaction = session.get_transaction()
-        if not isinstance(session, RoutingSession) or transaction is None or transaction.nested:
+        transaction = session.get_transaction()  # the root one
+        if (
+            not isinstance(session, RoutingSession)
+            or transaction is None
+            or session.get_nested_transaction() is not None  # a savepoint released
+        ):
             return
         entry = transaction._connections.get(self.primary)
         if not session._on_primary or entry is None:
