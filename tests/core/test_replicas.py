@@ -137,6 +137,8 @@ async def test_misconfigured_replicas_say_how_to_fix_them() -> None:
     url = "postgresql+asyncpg://u@127.0.0.1:1/x"
     with pytest.raises(ValueError, match="at least one replica"):
         Replicas([])
+    with pytest.raises(TypeError, match=r"replicas=\['postgresql"):
+        Database(url, replicas=url)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_lag"):
         Replicas([url], max_lag=0)
     with pytest.raises(ValueError, match="check_timeout"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import itertools
 import logging
@@ -131,6 +132,7 @@ class Replicas:
             replicas' usual lag.
 
     Raises:
+        TypeError: One URL or engine was given instead of a list of them.
         ValueError: No replica was given, or a number or ``choice`` is out of range.
     """
 
@@ -146,6 +148,11 @@ class Replicas:
         bookmark_cookie: str | None = None,
         bookmark_max_age: int = 60,
     ) -> None:
+        if isinstance(replicas, (str, URL, AsyncEngine)):
+            raise TypeError(
+                "replicas takes a list of URLs or engines, not one: write "
+                f"replicas=[{replicas!r}] (or Replicas([...]))."
+            )
         self.replicas = tuple(replicas)
         if not self.replicas:
             raise ValueError(
@@ -417,7 +424,10 @@ class ReplicaSet:
         watcher = self._watcher
         loop = asyncio.get_running_loop()
         if watcher is None or watcher.done() or watcher.get_loop() is not loop:
-            self._watcher = loop.create_task(self._check_forever(), name="alchemy_scope replicas")
+            # In a context of its own: not the request's that happened to start it (its scope).
+            self._watcher = contextvars.Context().run(
+                loop.create_task, self._check_forever(), name="alchemy_scope replicas"
+            )
 
     async def _check_forever(self) -> None:
         while True:
