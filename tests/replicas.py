@@ -10,6 +10,7 @@ except on CI (``CI`` set), where they fail.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import subprocess
 import time
@@ -138,17 +139,23 @@ async def _fetch(dsn: str, statements: tuple[str, ...]) -> list[asyncpg.Record]:
 
 
 def _programs_missing() -> str | None:
-    """Why PostgreSQL's server programs cannot run here, or ``None`` if they can."""
-    try:
-        bindir = Path(
-            subprocess.run(
+    """Why PostgreSQL's server programs cannot run here, or ``None`` if they can.
+
+    Where they are: ``PG_BIN``, else ``pg_config --bindir``, else the newest
+    ``/usr/lib/postgresql/*/bin``; ``PG_BIN`` is then set for the private clusters.
+    """
+    if "PG_BIN" not in os.environ:
+        try:
+            found = subprocess.run(
                 ["pg_config", "--bindir"], check=True, capture_output=True, text=True
             ).stdout.strip()
-        )
-    except (OSError, subprocess.CalledProcessError):
-        bindir = None
-    if bindir is not None and "PG_BIN" not in os.environ:
-        os.environ["PG_BIN"] = str(bindir)  # reliability.postgres looks there first
+        except (OSError, subprocess.CalledProcessError):
+            versions = sorted(
+                glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[4])
+            )
+            found = versions[-1] if versions else ""
+        if found:
+            os.environ["PG_BIN"] = found
     directory = Path(os.environ.get("PG_BIN", "/nonexistent"))
     missing = [p for p in ("initdb", "pg_ctl", "pg_basebackup") if not (directory / p).exists()]
     return f"{', '.join(missing)} not found in {directory}" if missing else None
