@@ -26,6 +26,7 @@ from alchemy_scope import (
     UnsupportedReplicasError,
     is_database_unavailable,
 )
+from tooling.servers import loopback_socket
 
 from ..replicas import ReplicaCluster, replica_cluster
 
@@ -335,6 +336,24 @@ async def test_a_server_that_is_not_a_standby_is_never_a_replica(
         (replica,) = db.replicas.replicas
         assert not replica.usable
         assert "not in recovery" in str(replica.error)
+    finally:
+        await db.dispose()
+
+
+async def test_reads_go_on_from_the_replica_while_the_primary_is_unreachable(
+    replica_cluster: ReplicaCluster,
+) -> None:
+    """The primary's position unknown (nothing listens there), a healthy standby still serves."""
+    with loopback_socket() as probe:  # a port nothing listens on once closed
+        port = probe.getsockname()[1]
+    db = Database(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{port}/replicas",
+        replicas=[replica_cluster.standby_url],
+    )
+    try:
+        await ready(db)
+        async with db.scope():
+            assert await where(db, replica_cluster) == "replica"
     finally:
         await db.dispose()
 

@@ -452,7 +452,9 @@ class ReplicaSet:
             self._mark_down(replica, RuntimeError("not in recovery: promoted to a primary"))
             return
         replica.replayed = -1 if replayed is None else int(replayed)
-        if primary_flushed is None or replica.replayed >= primary_flushed:
+        if primary_flushed is None:  # the primary did not answer in time: lag as it was
+            replica.lag = 0.0 if replica.lag is None else replica.lag
+        elif replica.replayed >= primary_flushed:
             replica.lag = 0.0
         else:  # behind: since the last transaction it replayed was committed
             replica.lag = float("inf") if behind is None else max(float(behind), 0.0)
