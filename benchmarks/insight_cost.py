@@ -5,7 +5,9 @@ Two figures:
 - its listeners' own work per statement: the two cursor-execute listeners called, in a
   scope, with the arguments SQLAlchemy gave them for a real ``SELECT 1``;
 - whole statements, insight off and on, in interleaved rounds: the median of the paired
-  differences (aiosqlite's thread hand-offs make this one noisy on a busy machine).
+  differences in CPU time (this process's threads, aiosqlite's included; still noisy on a
+  busy machine), beside two controls: an engine with two listeners that do nothing (what
+  SQLAlchemy's event path costs any instrumentation), and off against off (the noise).
 
 With insight off no listener is registered (``tests/core/test_insight.py`` asserts it), so
 its cost there is zero by construction. Run: ``python benchmarks/insight_cost.py [rounds]``.
@@ -29,13 +31,13 @@ CALLS = 100_000
 
 
 async def per_statement(db: Database) -> float:
-    """Seconds per ``SELECT 1`` in one scope of ``db`` (the connection already open)."""
+    """CPU seconds per ``SELECT 1`` in one scope of ``db`` (the connection already open)."""
     async with db.scope():
         await db.session.execute(text("SELECT 1"))
-        started = time.perf_counter()
+        started = time.process_time()  # CPU time: other processes' load counts less
         for _ in range(STATEMENTS):
             await db.session.execute(text("SELECT 1"))
-        return (time.perf_counter() - started) / STATEMENTS
+        return (time.process_time() - started) / STATEMENTS
 
 
 async def listener_cost(db: Database) -> float:
@@ -61,20 +63,47 @@ async def listener_cost(db: Database) -> float:
         return (time.perf_counter() - started) / CALLS
 
 
+def _nothing(*_: Any) -> None:
+    """A cursor-execute listener that does nothing."""
+
+
+async def paired(first: Database, second: Database, rounds: int) -> list[tuple[float, float]]:
+    """(first, second) per-statement times, each going first in every other round."""
+    pairs = []
+    for round_ in range(rounds):
+        if round_ % 2:
+            later = await per_statement(second)
+            pairs.append((await per_statement(first), later))
+        else:
+            pairs.append((await per_statement(first), await per_statement(second)))
+    return pairs
+
+
 async def main(rounds: int) -> None:
     off = Database("sqlite+aiosqlite://")
     on = Database("sqlite+aiosqlite://", insight=True)
+    also_off = Database("sqlite+aiosqlite://")  # the noise floor: off against off
+    empty = Database("sqlite+aiosqlite://")  # what SQLAlchemy's event path costs by itself
+    for name in ("before_cursor_execute", "after_cursor_execute"):
+        event.listen(empty.engine.sync_engine, name, _nothing)
     try:
         own = min([await listener_cost(on) for _ in range(5)])
-        pairs = [(await per_statement(off), await per_statement(on)) for _ in range(rounds)]
+        pairs = await paired(off, on, rounds)
+        control = await paired(off, also_off, rounds)
+        listening = await paired(off, empty, rounds)
     finally:
-        await off.dispose()
-        await on.dispose()
+        for db in (off, on, also_off, empty):
+            await db.dispose()
     print(f"insight's listeners: {own * 1e6:.2f} us/statement (best of 5 x {CALLS} calls)")
-    print(f"statement, insight off: {statistics.median(p[0] for p in pairs) * 1e6:.1f} us")
-    print(f"statement, insight on:  {statistics.median(p[1] for p in pairs) * 1e6:.1f} us")
-    difference = statistics.median(p[1] - p[0] for p in pairs) * 1e6
-    print(f"paired difference:      {difference:+.1f} us/statement (median of {rounds})")
+    print(f"statement, insight off: {statistics.median(p[0] for p in pairs) * 1e6:.1f} us CPU")
+    print(f"statement, insight on:  {statistics.median(p[1] for p in pairs) * 1e6:.1f} us CPU")
+    for name, measured in (
+        ("on - off", pairs),
+        ("two empty listeners - off", listening),
+        ("off - off (noise)", control),
+    ):
+        difference = statistics.median(b - a for a, b in measured) * 1e6
+        print(f"{name}: {difference:+.1f} us/statement (median of {rounds} paired rounds)")
 
 
 if __name__ == "__main__":
