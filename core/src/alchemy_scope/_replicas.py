@@ -30,6 +30,7 @@ import itertools
 import logging
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -198,6 +199,7 @@ class Replica:
         self.lag: float | None = None
         self.error: BaseException | None = None
         self._was_down = False
+        self._caught_up_at: float | None = None
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
@@ -456,8 +458,17 @@ class ReplicaSet:
             replica.lag = 0.0 if replica.lag is None else replica.lag
         elif replica.replayed >= primary_flushed:
             replica.lag = 0.0
-        else:  # behind: since the last transaction it replayed was committed
-            replica.lag = float("inf") if behind is None else max(float(behind), 0.0)
+            replica._caught_up_at = time.monotonic()
+        else:
+            # Behind: at most since the last transaction it replayed was committed, and at
+            # most since a check last found it caught up (an idle primary's housekeeping
+            # records would otherwise make the first of these look like hours).
+            since_replayed = float("inf") if behind is None else max(float(behind), 0.0)
+            caught_up_at = replica._caught_up_at
+            since_caught_up = (
+                float("inf") if caught_up_at is None else time.monotonic() - caught_up_at
+            )
+            replica.lag = min(since_replayed, since_caught_up)
         if replica.lag > self.settings.max_lag:
             if replica.usable:
                 logger.warning("Replica %s lags %.1f s: skipped", replica, replica.lag)
