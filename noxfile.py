@@ -629,10 +629,12 @@ def _pgbouncer_binary(session: nox.Session) -> str:
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if found is None and hasattr(os, "geteuid") and os.geteuid() == 0:
         install = ["apt-get", "install", "-y", "-q", "pgbouncer"]
-        if session.run(*install, external=True, success_codes=[0, 100]) is False:
+        session.run(*install, external=True, success_codes=[0, 100])
+        found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+        if found is None:  # package lists missing or stale: update them, then again
             session.run("apt-get", "update", "-q", external=True)
             session.run(*install, external=True)
-        found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+            found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if found is not None:
         return found
     message = "pgbouncer is not installed: apt-get install -y pgbouncer (Debian's package)"
