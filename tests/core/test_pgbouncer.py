@@ -22,7 +22,10 @@ def bouncer_url() -> str:
     """This run's database through the PgBouncer leg; skipped (saying so) without one."""
     legs = [leg for leg in database_legs() if through_pgbouncer(leg)]
     if not legs:
-        pytest.skip(f"needs a PgBouncer in transaction mode: {PGBOUNCER_ENV}=host:port")
+        pytest.skip(
+            f"needs a PgBouncer in transaction mode: `nox -s pgbouncer` starts one, or set "
+            f"{PGBOUNCER_ENV}=host:port"
+        )
     return legs[0]
 
 
