@@ -203,19 +203,23 @@ async def _for_update(db: Database) -> None:
     await db.session.execute(select(Note).with_for_update())
 
 
+async def _connection(db: Database) -> None:
+    await db.session.connection()  # what the app runs on it is unknown: it may write
+
+
 async def _text_for_update(db: Database) -> None:
     await db.session.execute(text("SELECT * FROM notes FOR UPDATE"))
 
 
 @pytest.mark.parametrize(
-    "write", [_orm_flush, _core_insert, _text_update, _for_update, _text_for_update]
+    "write", [_orm_flush, _core_insert, _text_update, _for_update, _text_for_update, _connection]
 )
 async def test_from_the_first_write_everything_goes_to_the_primary(
     make_routed: MakeRouted,
     replica_cluster: ReplicaCluster,
     write: Callable[[Database], Awaitable[None]],
 ) -> None:
-    """A flush, DML, text DML or FOR UPDATE runs on the primary; the scope then reads there too."""
+    """A flush, DML, FOR UPDATE, or connection() goes to the primary; then the scope's reads too."""
     db = await ready(make_routed())
     async with db.scope():
         assert await where(db, replica_cluster) == "replica"
