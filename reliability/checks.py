@@ -1,7 +1,9 @@
-"""The load and fault checks, each ending with the leak and data checks.
+"""The checks, as one table (:data:`CHECKS`): each a name, a function, and what follows it.
 
-Every check returns a :class:`Result`: what it expected that did not hold (``failures``) and a
-one-line account of what it did (``detail``).
+A check's function sends its load or fault, records every expectation that did not hold in
+``result.failures``, and returns a one-line account of what it did. Then (``after``) the leak
+check alone, or the leak and data checks, run on the same :class:`Result`. The memory soak and
+the secrets check, which run beside the others and after the server stopped, are the last.
 """
 
 from __future__ import annotations
@@ -11,20 +13,29 @@ import contextlib
 import itertools
 import json
 import random
+import subprocess
+import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 
-from .client import Answer, Failures, percentile, run_workers, send
-from .routes import TENANTS, tenant_name
-from .target import POOL_SIZE, POOL_TIMEOUT, Target
+from tooling.rawhttp import request_bytes, send_and_reset
 
-Check = Callable[[Target], Awaitable["Result"]]
+from .client import Answer, Failures, percentile, run_workers, send
+from .fuzz import Fuzzer
+from .serve import TENANTS, tenant_name
+from .target import POOL_SIZE, POOL_TIMEOUT, ROOT, Target
+
+CHECK_TIMEOUT = 240  # seconds: a check still running then has hung
+LOAD_MIX = {"list": 25, "get": 20, "create": 20, "duplicate": 10, "bulk": 5, "export": 0.4,
+            "ws": 8, "health": 5}  # fmt: skip
+BULK_SIZE = 10
+SLOW_SECONDS = POOL_TIMEOUT + 2
 
 
 @dataclass
@@ -41,256 +52,125 @@ class Result:
         return not self.failures
 
 
-def _clean_error(answer: Answer) -> bool:
-    """A failure the client can act on: a complete 500 or 503 response, without a traceback."""
-    return answer.status in (500, 503) and b"Traceback" not in answer.body
-
-
-# --- load --------------------------------------------------------------------------------
-
-LOAD_MIX = [  # (kind, weight)
-    ("list", 25),
-    ("get", 20),
-    ("create", 20),
-    ("duplicate", 10),
-    ("bulk", 5),
-    ("export", 0.4),
-    ("ws", 8),
-    ("health", 5),
-]
-BULK_SIZE = 10
-
-
-class Load:
+async def load(target: Target, result: Result) -> str:  # noqa: PLR0915 - one mix, one place
     """Thousands of mixed requests, ``concurrency`` at once, through a pool of 5 connections.
 
     Reads, creates, duplicate creates, bulk creates, exports and websocket messages. Every
     answer must be the expected one (no 5xx, none hung), and the table must then hold
     exactly the todos acknowledged.
     """
+    settings, ledger, tally, rng = target.settings, target.ledger, target.tally, random.Random(1)
+    latencies: list[float] = []
+    sockets: asyncio.Queue[ClientConnection] = asyncio.Queue()
+    kinds = rng.choices(list(LOAD_MIX), list(LOAD_MIX.values()), k=settings.load_requests)
 
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.tally = target.tally
-        self.ledger = target.ledger
-        self.result = Result("load")
-        self.rng = random.Random(1)
-        self.latencies: list[float] = []
-        self.sockets: asyncio.Queue[ClientConnection] = asyncio.Queue()
-
-    async def run(self) -> Result:
-        """Send the load, then run the leak and data checks."""
-        settings = self.target.settings
-        names, weights = zip(*LOAD_MIX, strict=True)
-        kinds = self.rng.choices(names, weights, k=settings.load_requests)
-        for _ in range(settings.websockets):
-            self.sockets.put_nowait(await connect(self.target.ws_url + "/todos/ws"))
-        seconds = await run_workers(
-            self.target.base_url, settings.concurrency, enumerate(kinds), self.work
-        )
-        while not self.sockets.empty():
-            await self.sockets.get_nowait().close()
-        self.result.failures.extend(await self.target.checkpoint())
-        latencies = self.latencies
-        self.result.detail = (
-            f"{len(kinds):,} requests and websocket messages, {settings.concurrency} at once, "
-            f"pool {POOL_SIZE}+0, in {seconds:.1f} s ({len(kinds) / seconds:,.0f}/s); latency "
-            f"p50 {percentile(latencies, 0.5) * 1000:.0f} ms, p99 "
-            f"{percentile(latencies, 0.99) * 1000:.0f} ms, max "
-            f"{max(latencies, default=0) * 1000:.0f} ms"
-        )
-        return self.result
-
-    def expect(self, answer: Answer, *statuses: int, what: str) -> bool:
-        """Note the latency; record a failure unless the status is one of ``statuses``."""
-        self.latencies.append(answer.elapsed)
-        if answer.status in statuses:
-            return True
-        self.result.failures.add(
-            f"{what}: {answer.outcome} {answer.body[:120]!r}, expected {statuses}"
-        )
-        return False
-
-    async def work(self, client: httpx.AsyncClient, op: tuple[int, str]) -> None:
-        """Send one request of the mix."""
-        index, kind = op
-        if (kind == "get" and not self.ledger.ids) or (
-            kind == "duplicate" and not self.ledger.titles
-        ):
-            kind = "health"  # nothing to read or repeat yet
-        if kind == "ws":
-            await self.websocket_message(index, duplicate=self.rng.random() < 0.3)
-        else:
-            await getattr(self, kind)(client, index)
-
-    async def list(self, client: httpx.AsyncClient, _index: int) -> None:
-        """A page of todos."""
-        path = f"/todos?limit=20&offset={self.rng.randrange(max(1, len(self.ledger.ids)))}"
-        self.expect(await send(client, self.tally, "GET", path), 200, what=path)
-
-    async def get(self, client: httpx.AsyncClient, _index: int) -> None:
-        """One acknowledged todo."""
-        path = f"/todos/{self.rng.choice(self.ledger.ids)}"
-        self.expect(await send(client, self.tally, "GET", path), 200, what=path)
-
-    async def create(self, client: httpx.AsyncClient, index: int) -> None:
-        """A new todo: 201."""
-        title = f"load {index}"
-        answer = await send(client, self.tally, "POST", "/todos", json={"title": title})
-        if self.expect(answer, 201, what=f"create {title}"):
-            self.ledger.ack(answer.json())
-
-    async def duplicate(self, client: httpx.AsyncClient, _index: int) -> None:
-        """A title acknowledged before: 409."""
-        title = self.rng.choice(self.ledger.titles[-50:])
-        answer = await send(client, self.tally, "POST", "/todos", json={"title": title})
-        self.expect(answer, 409, what=f"duplicate {title}")
-
-    async def bulk(self, client: httpx.AsyncClient, index: int) -> None:
-        """Ten new todos at once: 201."""
-        body = [{"title": f"bulk {index}.{n}"} for n in range(BULK_SIZE)]
-        answer = await send(client, self.tally, "POST", "/todos/bulk", json=body)
-        if self.expect(answer, 201, what=f"bulk {index}"):
-            for todo in answer.json():
-                self.ledger.ack(todo)
-
-    async def export(self, client: httpx.AsyncClient, _index: int) -> None:
-        """The NDJSON export, read to its end: it holds every todo acknowledged before."""
-        committed = len(self.ledger.acked)
-        answer = await send(client, self.tally, "GET", "/todos/export", stream=True)
-        if self.expect(answer, 200, what="export"):
-            lines = answer.body.splitlines()
-            if len(lines) < committed:
-                self.result.failures.add(
-                    f"export: {len(lines)} lines, {committed} todos acknowledged before"
-                )
-
-    async def health(self, client: httpx.AsyncClient, _index: int) -> None:
-        """The route that never touches the database."""
-        self.expect(await send(client, self.tally, "GET", "/health"), 200, what="/health")
-
-    async def websocket_message(self, index: int, *, duplicate: bool) -> None:
+    async def websocket_message(index: int) -> None:
         """One create over one of the open websockets; a duplicate title gets a detail."""
-        ledger, failures = self.ledger, self.result.failures
-        duplicate = duplicate and bool(ledger.titles)
-        title = self.rng.choice(ledger.titles[-50:]) if duplicate else f"ws {index}"
-        socket = await self.sockets.get()
-        started = time.perf_counter()
+        duplicate = rng.random() < 0.3 and bool(ledger.titles)
+        title = rng.choice(ledger.titles[-50:]) if duplicate else f"ws {index}"
+        socket, started = await sockets.get(), time.perf_counter()
         try:
             await socket.send(json.dumps({"title": title}))
             reply = json.loads(await asyncio.wait_for(socket.recv(), 30))
         except Exception as exc:
-            self.tally.count("cut", where="websocket")
-            failures.add(f"websocket message {title!r}: {exc!r}")
+            tally.count("cut", where="websocket")
+            result.failures.add(f"websocket message {title!r}: {exc!r}")
             return
         finally:
-            self.sockets.put_nowait(socket)
-        self.latencies.append(time.perf_counter() - started)
-        self.tally.count("ws", json.dumps(reply).encode(), "websocket")
+            sockets.put_nowait(socket)
+        latencies.append(time.perf_counter() - started)
+        tally.count("ws", json.dumps(reply).encode(), "websocket")
         if "id" in reply:
             if duplicate:
-                failures.add(f"websocket accepted the duplicate title {title!r}")
+                result.failures.add(f"websocket accepted the duplicate title {title!r}")
             ledger.ack(reply)
         elif not duplicate:
-            failures.add(f"websocket refused the new title {title!r}: {reply}")
+            result.failures.add(f"websocket refused the new title {title!r}: {reply}")
 
-
-async def load(target: Target) -> Result:
-    """Thousands of mixed requests through a pool smaller than the concurrency."""
-    return await Load(target).run()
-
-
-# --- client disconnects --------------------------------------------------------------------
-
-
-async def _raw(target: Target, request: bytes, *, read: int = 0, delay: float = 0.0) -> None:
-    """Send ``request`` on a raw TCP connection, maybe read ``read`` bytes, then reset it."""
-    url = urlsplit(target.base_url)
-    reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        if read:
-            await asyncio.wait_for(reader.readexactly(read), 30)
-        await asyncio.sleep(delay)
-    finally:
-        writer.transport.abort()
-
-
-def _post(path: str, body: bytes, *, length: int | None = None) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body) if length is None else length}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-async def disconnects(target: Target) -> Result:
-    """Clients that drop the connection mid-request, mid-response, mid-stream, mid-websocket."""
-    result = Result("disconnects")
-    rng = random.Random(2)
-    per_kind = target.settings.disconnects_per_kind
-    ledger, tally = target.ledger, target.tally
-    export = b"GET /todos/export HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
-
-    async def drop(op: tuple[int, str]) -> None:
+    async def work(client: httpx.AsyncClient, op: tuple[int, str]) -> None:
+        """Send one request of the mix and judge its answer."""
         index, kind = op
-        if kind == "mid-request":  # the body is never sent whole: nothing may be written
-            title = f"drop-request {index}"
-            ledger.refused.add(title)
-            body = json.dumps({"title": title, "done": False}).encode()
-            await _raw(
-                target, _post("/todos", body[:-8], length=len(body)), delay=rng.random() / 20
+        if (kind == "get" and not ledger.ids) or (kind == "duplicate" and not ledger.titles):
+            kind = "health"  # nothing to read or repeat yet
+        if kind == "ws":
+            return await websocket_message(index)
+        body: Any = None
+        expected, committed = 201, len(ledger.acked)
+        if kind in ("create", "duplicate"):
+            title = f"load {index}" if kind == "create" else rng.choice(ledger.titles[-50:])
+            path, body, expected = "/todos", {"title": title}, 201 if kind == "create" else 409
+        elif kind == "bulk":
+            path, body = "/todos/bulk", [{"title": f"bulk {index}.{n}"} for n in range(BULK_SIZE)]
+        else:
+            expected, path = (
+                200,
+                {
+                    "list": f"/todos?limit=20&offset={rng.randrange(max(1, len(ledger.ids)))}",
+                    "get": f"/todos/{rng.choice(ledger.ids) if kind == 'get' else 0}",
+                    "export": "/todos/export",
+                    "health": "/health",
+                }[kind],
             )
-        elif kind == "mid-response":  # sent whole, connection reset before the answer
-            title = f"drop-response {index}"
-            ledger.unknown.add(title)
-            body = json.dumps({"title": title}).encode()
-            await _raw(target, _post("/todos", body), delay=rng.random() / 50)
-        elif kind == "mid-stream":  # the export stream reset after its first bytes
-            await _raw(target, export, read=rng.choice([200, 2_000, 20_000]))
-        else:  # a websocket create, the connection reset right after sending it
-            title = f"drop-ws {index}"
-            ledger.unknown.add(title)
-            socket = await connect(target.ws_url + "/todos/ws")
-            await socket.send(json.dumps({"title": title}))
-            socket.transport.abort()
-        tally.count("dropped")
+        method = "GET" if body is None else "POST"
+        answer = await send(client, tally, method, path, json=body, stream=kind == "export")
+        latencies.append(answer.elapsed)
+        if answer.status != expected:
+            what = f"{kind} {path} {json.dumps(body)[:60] if body else ''}"
+            result.failures.add(
+                f"{what}: {answer.outcome} {answer.body[:120]!r}, expected {expected}"
+            )
+        elif kind in ("create", "bulk"):
+            ledger.ack(*(answer.json() if kind == "bulk" else [answer.json()]))
+        elif kind == "export" and len(answer.body.splitlines()) < committed:
+            lines = len(answer.body.splitlines())
+            result.failures.add(f"export: {lines} lines, {committed} todos acknowledged before")
 
-    kinds = ["mid-request", "mid-response", "mid-stream", "mid-websocket"]
-    ops = [(index, kind) for index in range(per_kind) for kind in kinds]
-    rng.shuffle(ops)
-    probes = await _with_probes(target, result, _gather_bounded(ops, drop, 100))
-    result.failures.extend(await target.checkpoint())
-    result.detail = (
-        f"{len(ops)} connections reset ({per_kind} each {', '.join(kinds)}); "
-        f"{probes} probe requests meanwhile all answered"
+    for _ in range(settings.websockets):
+        sockets.put_nowait(await connect(target.ws_url + "/todos/ws"))
+    seconds = await run_workers(target.base_url, settings.concurrency, enumerate(kinds), work)
+    while not sockets.empty():
+        await sockets.get_nowait().close()
+    return (
+        f"{len(kinds):,} requests and websocket messages, {settings.concurrency} at once, "
+        f"pool {POOL_SIZE}+0, in {seconds:.1f} s ({len(kinds) / seconds:,.0f}/s); latency "
+        f"p50 {percentile(latencies, 0.5) * 1000:.0f} ms, p99 "
+        f"{percentile(latencies, 0.99) * 1000:.0f} ms, "
+        f"max {max(latencies, default=0) * 1000:.0f} ms"
     )
-    return result
 
 
-async def _gather_bounded(
-    ops: list[Any], run: Callable[[Any], Awaitable[None]], limit: int
-) -> list[str]:
-    """Run ``run(op)`` for every op, ``limit`` at once; describe the ones that raised."""
-    semaphore = asyncio.Semaphore(limit)
-    errors: list[str] = []
+async def disconnects(target: Target, result: Result) -> str:
+    """Clients that drop the connection mid-request, mid-response, mid-stream, mid-websocket.
 
-    async def bounded(op: Any) -> None:
-        async with semaphore:
+    A client reads ``GET /todos`` every 50 ms meanwhile: every probe must be answered.
+    """
+    rng, per_kind, ledger = random.Random(2), target.settings.disconnects_per_kind, target.ledger
+    bounded, done, probes = asyncio.Semaphore(100), asyncio.Event(), 0
+
+    async def drop(index: int, kind: str) -> None:
+        title = f"drop-{kind.removeprefix('mid-')} {index}"
+        body = json.dumps({"title": title} | ({"done": False} if kind == "mid-request" else {}))
+        async with bounded:
             try:
-                await run(op)
+                if kind == "mid-request":  # the body is never sent whole: nothing may be written
+                    ledger.refused.add(title)
+                    raw = request_bytes("POST", "/todos", body.encode()[:-8], length=len(body))
+                    await send_and_reset(target.port, raw, delay=rng.random() / 20)
+                elif kind == "mid-response":  # sent whole, connection reset before the answer
+                    ledger.unknown.add(title)
+                    raw = request_bytes("POST", "/todos", body.encode())
+                    await send_and_reset(target.port, raw, delay=rng.random() / 50)
+                elif kind == "mid-stream":  # the export stream reset after its first bytes
+                    raw, read = request_bytes("GET", "/todos/export"), [200, 2_000, 20_000]
+                    await send_and_reset(target.port, raw, read=rng.choice(read))
+                else:  # a websocket create, the connection reset right after sending it
+                    ledger.unknown.add(title := f"drop-ws {index}")
+                    socket = await connect(target.ws_url + "/todos/ws")
+                    await socket.send(json.dumps({"title": title}))
+                    socket.transport.abort()
+                target.tally.count("dropped")
             except Exception as exc:  # a dropped client may see its connection refused
-                errors.append(f"{op}: {exc!r}")
-
-    await asyncio.gather(*(bounded(op) for op in ops))
-    return errors
-
-
-async def _with_probes(target: Target, result: Result, work: Awaitable[list[str]]) -> int:
-    """Run ``work`` while a client checks, every 50 ms, that reads are still answered."""
-    done = asyncio.Event()
-    probes = 0
+                result.failures.add(f"{(index, kind)}: {exc!r}")
 
     async def probe() -> None:
         nonlocal probes
@@ -302,156 +182,131 @@ async def _with_probes(target: Target, result: Result, work: Awaitable[list[str]
                     result.failures.add(f"probe GET /todos: {answer.outcome}")
                 await asyncio.sleep(0.05)
 
+    kinds = ["mid-request", "mid-response", "mid-stream", "mid-websocket"]
+    ops = [(index, kind) for index in range(per_kind) for kind in kinds]
+    rng.shuffle(ops)
     prober = asyncio.create_task(probe())
     try:
-        errors = await work
+        await asyncio.gather(*(drop(*op) for op in ops))
     finally:
         done.set()
         await prober
-    result.failures.extend(errors)
-    return probes
+    return (
+        f"{len(ops)} connections reset ({per_kind} each {', '.join(kinds)}); "
+        f"{probes} probe requests meanwhile all answered"
+    )
 
 
-# --- cancelled handlers --------------------------------------------------------------------
+async def cancelled(target: Target, result: Result) -> str:
+    """Handlers cancelled at random moments, as a server or proxy timeout cancels them.
 
-
-async def cancelled(target: Target) -> Result:
-    """Handlers cancelled at random moments, as a server or proxy timeout cancels them."""
-    result = Result("cancelled handlers")
-    rng = random.Random(3)
-    ledger, tally, failures = target.ledger, target.tally, result.failures
-    outcomes: dict[str, int] = {}
+    The client gets the response or a 504, never a 5xx from the app; a 201 means the row is
+    there.
+    """
+    rng, ledger, outcomes = random.Random(3), target.ledger, Counter[str]()
 
     async def work(client: httpx.AsyncClient, index: int) -> None:
         headers = {"x-reliability-cancel-after": f"{rng.random() * 0.03:.4f}"}
         kind = ("create", "bulk", "list", "export")[index % 4]
-        if kind == "create":
-            title = f"cancel {index}"
-            ledger.unknown.add(title)
-            answer = await send(
-                client, tally, "POST", "/todos", json={"title": title}, headers=headers
-            )
-            if answer.status == 201:
-                ledger.ack(answer.json())
-        elif kind == "bulk":
-            titles = [f"cancel {index}.{n}" for n in range(5)]
+        titles = (
+            [f"cancel {index}"] if kind == "create" else [f"cancel {index}.{n}" for n in range(5)]
+        )
+        body: Any = [{"title": title} for title in titles]
+        if kind in ("create", "bulk"):
             ledger.unknown.update(titles)
-            body = [{"title": title} for title in titles]
-            answer = await send(client, tally, "POST", "/todos/bulk", json=body, headers=headers)
+            path, body = ("/todos", body[0]) if kind == "create" else ("/todos/bulk", body)
+            answer = await send(client, target.tally, "POST", path, json=body, headers=headers)
             if answer.status == 201:
-                for todo in answer.json():
-                    ledger.ack(todo)
-        elif kind == "list":
-            answer = await send(client, tally, "GET", "/todos?limit=50", headers=headers)
+                ledger.ack(*(answer.json() if kind == "bulk" else [answer.json()]))
         else:
-            answer = await send(client, tally, "GET", "/todos/export", stream=True, headers=headers)
-        outcomes[answer.outcome] = outcomes.get(answer.outcome, 0) + 1
+            path = "/todos?limit=50" if kind == "list" else "/todos/export"
+            answer = await send(
+                client, target.tally, "GET", path, stream=kind == "export", headers=headers
+            )
+        outcomes[answer.outcome] += 1
         allowed = {"201", "504"} if kind in ("create", "bulk") else {"200", "504"}
         if kind == "export":
             allowed.add("cut")  # cancelled after its first chunk: the stream stops short
         if answer.outcome not in allowed:
-            failures.add(f"{kind} #{index}: {answer.outcome} {answer.body[:120]!r}")
+            result.failures.add(f"{kind} #{index}: {answer.outcome} {answer.body[:120]!r}")
 
     await run_workers(target.base_url, 50, range(target.settings.cancelled), work)
-    failures.extend(await target.checkpoint())
-    result.detail = (
-        f"{target.settings.cancelled} requests cancelled after 0 to 30 ms: "
-        + ", ".join(f"{outcome}: {count}" for outcome, count in sorted(outcomes.items()))
+    return f"{target.settings.cancelled} requests cancelled after 0 to 30 ms: " + ", ".join(
+        f"{outcome}: {count}" for outcome, count in sorted(outcomes.items())
     )
-    return result
 
 
-# --- a COMMIT that fails ------------------------------------------------------------------
+async def failed_commits(target: Target, result: Result) -> str:
+    """Writes that pass every statement but fail at COMMIT (deferred foreign key).
 
-
-async def failed_commits(target: Target) -> Result:
-    """Writes that pass every statement but fail at COMMIT (deferred foreign key)."""
-    result = Result("failed COMMIT")
-    tally, failures = target.tally, result.failures
+    Never a 2xx for a write that failed: a 5xx and no row; the valid half 201 and there.
+    """
     refused = 0
 
     async def work(client: httpx.AsyncClient, index: int) -> None:
         nonlocal refused
-        valid = index % 2 == 0
-        name = f"child-{index}"
-        path = f"/__harness/deferred?name={name}&valid={int(valid)}"
-        answer = await send(client, tally, "POST", path)
+        valid, name = index % 2 == 0, f"child-{index}"
+        answer = await send(
+            client, target.tally, "POST", f"/__harness/deferred?name={name}&valid={int(valid)}"
+        )
         if valid and answer.status == 201:
             target.children[name] = True
         elif not valid and answer.status is not None and answer.status >= 500:
             target.children[name] = False
             refused += 1
         else:
-            failures.add(f"{'valid' if valid else 'failing'} {name}: {answer.outcome}")
+            result.failures.add(f"{'valid' if valid else 'failing'} {name}: {answer.outcome}")
 
     await run_workers(target.base_url, 50, range(target.settings.failed_commits), work)
-    failures.extend(await target.checkpoint())
-    result.detail = (
+    return (
         f"{target.settings.failed_commits} concurrent writes, half failing at COMMIT: "
         f"{refused} answered 5xx and left no row, the others 201"
     )
-    return result
 
 
-# --- tenant isolation ----------------------------------------------------------------------
-
-
-async def isolation(target: Target) -> Result:
+async def isolation(target: Target, result: Result) -> str:
     """Concurrent requests for different tenants never see each other's objects."""
-    result = Result("isolation")
-    rng = random.Random(4)
+    rng, requests = random.Random(4), target.settings.isolation_requests
+    concurrency = target.settings.isolation_concurrency
 
     async def work(client: httpx.AsyncClient, _index: int) -> None:
         tenant = tenant_name(rng.randrange(TENANTS))
         answer = await send(client, target.tally, "GET", f"/__harness/tenant?tenant={tenant}")
         if answer.status != 200:
             result.failures.add(f"tenant {tenant}: {answer.outcome}")
-            return
-        report = answer.json()
-        if report["seen"] != [tenant] or report["rows"] != report["again"]:
+        elif (report := answer.json())["seen"] != [tenant] or report["rows"] != report["again"]:
             result.failures.add(f"tenant {tenant}'s session held {report}")
 
-    requests, concurrency = (
-        target.settings.isolation_requests,
-        target.settings.isolation_concurrency,
-    )
     await run_workers(target.base_url, concurrency, range(requests), work)
-    result.failures.extend(await target.checkpoint(data=False))
     held = "only its own tenant's rows" if result.passed else "other tenants' rows (see below)"
-    result.detail = (
+    return (
         f"{requests} requests over {TENANTS} tenants, {concurrency} at once; "
         f"each identity map held {held}"
     )
-    return result
 
 
-# --- the pool exhausted ----------------------------------------------------------------------
+async def pool_exhausted(target: Target, result: Result) -> str:
+    """Slow requests hold every pooled connection: others answer or fail within the timeout.
 
-SLOW_SECONDS = POOL_TIMEOUT + 2
+    ``/health`` answers within 1 s; ``GET /todos`` answers, or fails with a 503 (a clear
+    error), within the pool timeout (plus 2 s to answer).
+    """
+    tally, failures, limit = target.tally, result.failures, POOL_TIMEOUT + 2.0
+    health: list[Answer] = []
+    waiting: list[Answer] = []
 
+    async def work(client: httpx.AsyncClient, index: int) -> None:
+        if index % 3:
+            health.append(await send(client, tally, "GET", "/health"))
+        else:
+            waiting.append(await send(client, tally, "GET", "/todos?limit=1"))
 
-async def pool_exhausted(target: Target) -> Result:
-    """Slow requests hold every pooled connection: others answer or fail within the timeout."""
-    result = Result("pool exhausted")
-    tally, failures = target.tally, result.failures
-    limit = POOL_TIMEOUT + 2.0  # the pool timeout plus the time to answer
     async with httpx.AsyncClient(base_url=target.base_url, timeout=60) as slow_client:
+        path = f"/__harness/slow?seconds={SLOW_SECONDS}"
         slow = [
-            asyncio.create_task(
-                send(slow_client, tally, "GET", f"/__harness/slow?seconds={SLOW_SECONDS}")
-            )
-            for _ in range(POOL_SIZE)
+            asyncio.create_task(send(slow_client, tally, "GET", path)) for _ in range(POOL_SIZE)
         ]
         await asyncio.sleep(0.5)
-        health: list[Answer] = []
-        waiting: list[Answer] = []
-
-        async def work(client: httpx.AsyncClient, index: int) -> None:
-            if index % 3:
-                health.append(await send(client, tally, "GET", "/health"))
-            else:
-                waiting.append(await send(client, tally, "GET", "/todos?limit=1"))
-
         await run_workers(target.base_url, 30, range(30), work)
         for answer in health:
             if answer.status != 200 or answer.elapsed > 1.0:
@@ -463,7 +318,7 @@ async def pool_exhausted(target: Target) -> Result:
                 failures.add(
                     f"GET /todos waited {answer.elapsed:.1f} s (pool timeout {POOL_TIMEOUT} s)"
                 )
-            elif answer.status != 503 and not (answer.status or 0) < 300:
+            elif answer.status != 503 and not answer.ok:
                 failures.add(
                     f"GET /todos with no connection free: {answer.outcome} {answer.body[:80]!r} "
                     f"after {answer.elapsed:.1f} s; a clear error is a 503 saying the pool is busy"
@@ -471,165 +326,226 @@ async def pool_exhausted(target: Target) -> Result:
         for answer in await asyncio.gather(*slow):
             if answer.status != 200:
                 failures.add(f"slow request: {answer.outcome}")
-    failures.extend(await target.checkpoint(data=False))
     statuses = sorted({answer.outcome for answer in waiting})
-    result.detail = (
+    return (
         f"{POOL_SIZE} requests held the {POOL_SIZE} connections {SLOW_SECONDS} s; {len(health)} "
         f"/health answered in ≤ {max((a.elapsed for a in health), default=0):.2f} s; "
         f"{len(waiting)} GET /todos answered {'/'.join(statuses)} in ≤ "
         f"{max((a.elapsed for a in waiting), default=0):.1f} s (pool timeout {POOL_TIMEOUT} s)"
     )
-    return result
 
 
-# --- PostgreSQL restarted under load -------------------------------------------------------
-
-
-class Restart:
+async def postgres_restart(target: Target, result: Result) -> str:
     """PostgreSQL stopped (fast shutdown) and started again under load.
 
     Thirty clients create and read throughout. Requests must not fail before the stop;
     while PostgreSQL is down they must fail cleanly (a complete 500 or 503, no dropped
-    connection, no hang); once it is back the app must recover without a restart.
+    connection, no hang); once it is back the app must recover without a restart (100
+    successes in a row within 20 s).
     """
+    clients, down_seconds, recovered_after, recovery_limit = 30, 2.0, 100, 20.0
+    sent, failed = Counter[str](), Counter[str]()
+    state: dict[str, Any] = {"phase": "up", "back_at": 0.0, "first": None, "streak": 0}
+    recovered, stop = asyncio.Event(), asyncio.Event()
 
-    CLIENTS = 30
-    DOWN_SECONDS = 2.0
-    RECOVERED_AFTER = 100  # successes in a row
-    RECOVERY_LIMIT = 20.0
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.result = Result("postgres restart")
-        self.phase = "up"  # then "down", then "back"
-        self.sent = {"up": 0, "down": 0, "back": 0}
-        self.failed = {"up": 0, "down": 0, "back": 0}
-        self.back_at = 0.0
-        self.first_success: float | None = None
-        self.streak = 0
-        self.recovered = asyncio.Event()
-        self.stop = asyncio.Event()
-
-    async def run(self) -> Result:
-        """Load, stop, start, wait for recovery; then the leak and data checks."""
-        workers = run_workers(self.target.base_url, self.CLIENTS, range(self.CLIENTS), self.work)
-        await asyncio.gather(self.drive(), workers)
-        failures = self.result.failures
-        if not self.recovered.is_set():
-            failures.add(f"the app did not recover within {self.RECOVERY_LIMIT:.0f} s")
-        failures.extend(await self.target.checkpoint())
-        first = "never" if self.first_success is None else f"{self.first_success:.2f} s"
-        sent, failed = self.sent, self.failed
-        self.result.detail = (
-            f"{self.CLIENTS} clients; down {self.DOWN_SECONDS:.0f} s. Sent before the stop "
-            f"{sent['up']} ({failed['up']} failed, in flight at the stop), while down "
-            f"{sent['down']} ({failed['down']} failed cleanly), after {sent['back']} "
-            f"({failed['back']} failed); first success {first} after the restart"
-        )
-        return self.result
-
-    async def drive(self) -> None:
+    async def drive() -> None:
         """Stop PostgreSQL, start it again, and wait for the app to recover."""
-        postgres = self.target.postgres
         await asyncio.sleep(1.5)
-        self.phase = "down"
-        await asyncio.to_thread(postgres.stop)
-        await asyncio.sleep(self.DOWN_SECONDS)
-        await asyncio.to_thread(postgres.start)
-        self.back_at = time.perf_counter()
-        self.phase = "back"
+        state["phase"] = "down"
+        await asyncio.to_thread(target.postgres.stop)
+        await asyncio.sleep(down_seconds)
+        await asyncio.to_thread(target.postgres.start)
+        state.update(phase="back", back_at=time.perf_counter())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.recovered.wait(), self.RECOVERY_LIMIT)
-        self.stop.set()
+            await asyncio.wait_for(recovered.wait(), recovery_limit)
+        stop.set()
 
-    async def work(self, client: httpx.AsyncClient, index: int) -> None:
-        """Create (odd clients) or read (even ones) until told to stop."""
-        ledger, tally = self.target.ledger, self.target.tally
+    async def work(client: httpx.AsyncClient, index: int) -> None:
+        """Create (odd clients) or read (even ones) until told to stop.
+
+        Each answer is judged against the phase its request started in.
+        """
         for count in itertools.count():
-            if self.stop.is_set():
+            if stop.is_set():
                 return
-            started_in = self.phase
+            phase = state["phase"]
             if index % 2:
-                title = f"restart {index}.{count}"
-                ledger.unknown.add(title)
+                target.ledger.unknown.add(title := f"restart {index}.{count}")
                 body = {"title": title}
-                answer = await send(client, tally, "POST", "/todos", json=body, timeout=15)
+                answer = await send(client, target.tally, "POST", "/todos", json=body, timeout=15)
                 if answer.status == 201:
-                    ledger.ack(answer.json())
+                    target.ledger.ack(answer.json())
             else:
-                answer = await send(client, tally, "GET", "/todos?limit=5", timeout=15)
-            self.judge(started_in, answer)
+                answer = await send(client, target.tally, "GET", "/todos?limit=5", timeout=15)
+            sent[phase] += 1
+            if not answer.ok:
+                failed[phase] += 1
+                if not answer.clean_error:
+                    result.failures.add(
+                        f"sent while {phase}: {answer.outcome} {answer.body[:100]!r}"
+                    )
+                elif phase == "up" and state["phase"] == "up":
+                    result.failures.add(f"failed before PostgreSQL stopped: {answer.outcome}")
+            if phase == "back":
+                if answer.ok and state["first"] is None:
+                    state["first"] = time.perf_counter() - state["back_at"]
+                state["streak"] = state["streak"] + 1 if answer.ok else 0
+                if state["streak"] >= recovered_after:
+                    recovered.set()
             await asyncio.sleep(0.005)
 
-    def judge(self, started_in: str, answer: Answer) -> None:
-        """Count one answer against the phase its request started in."""
-        self.sent[started_in] += 1
-        ok = answer.status is not None and answer.status < 300
-        if not ok:
-            self.failed[started_in] += 1
-            if not _clean_error(answer):
-                self.result.failures.add(
-                    f"sent while {started_in}: {answer.outcome} {answer.body[:100]!r}"
-                )
-            elif started_in == "up" and self.phase == "up":
-                self.result.failures.add(f"failed before PostgreSQL stopped: {answer.outcome}")
-        if started_in == "back":
-            if ok and self.first_success is None:
-                self.first_success = time.perf_counter() - self.back_at
-            self.streak = self.streak + 1 if ok else 0
-            if self.streak >= self.RECOVERED_AFTER:
-                self.recovered.set()
+    await asyncio.gather(drive(), run_workers(target.base_url, clients, range(clients), work))
+    if not recovered.is_set():
+        result.failures.add(f"the app did not recover within {recovery_limit:.0f} s")
+    first = "never" if state["first"] is None else f"{state['first']:.2f} s"
+    return (
+        f"{clients} clients; down {down_seconds:.0f} s. Sent before the stop "
+        f"{sent['up']} ({failed['up']} failed, in flight at the stop), while down "
+        f"{sent['down']} ({failed['down']} failed cleanly), after {sent['back']} "
+        f"({failed['back']} failed); first success {first} after the restart"
+    )
 
 
-async def postgres_restart(target: Target) -> Result:
-    """PostgreSQL restarted under load; the app recovers by itself."""
-    return await Restart(target).run()
-
-
-# --- credentials rotated, and the secrets check ------------------------------------------------
-
-
-async def credentials_rotated(target: Target) -> Result:
+async def credentials_rotated(target: Target, result: Result) -> str:
     """The app's password changes under it: clean failures, no password shown, recovery."""
-    result = Result("password rotated")
-    tally, failures = target.tally, result.failures
-    rotated = "pw-rotated-" + target.postgres.password[3:]
+    tally, failures, postgres = target.tally, result.failures, target.postgres
+    rotated = "pw-rotated-" + postgres.password[3:]
     tally.forbidden = (*tally.forbidden, rotated.encode())
-    await target.postgres.set_app_password(rotated)
-    failed = 0
+    await postgres.set_app_password(rotated)
+    failed, recovered = 0, False
     async with httpx.AsyncClient(base_url=target.base_url, timeout=30) as client:
         for _ in range(10):
             answer = await send(client, tally, "GET", "/todos?limit=1")
             if answer.status == 200:
                 failures.add("a request succeeded although the app's password was wrong")
-            elif not _clean_error(answer):
+            elif not answer.clean_error:
                 failures.add(f"with the wrong password: {answer.outcome} {answer.body[:100]!r}")
             else:
                 failed += 1
-        await target.postgres.set_app_password(target.postgres.password)
-        recovered = False
+        await postgres.set_app_password(postgres.password)
         for _ in range(100):
-            if (await send(client, tally, "GET", "/todos?limit=1")).status == 200:
-                recovered = True
+            if recovered := (await send(client, tally, "GET", "/todos?limit=1")).status == 200:
                 break
             await asyncio.sleep(0.1)
     if not recovered:
         failures.add("the app did not recover once the password was restored")
-    failures.extend(await target.checkpoint(data=False))
-    result.detail = (
+    return (
         f"password changed and sessions ended: {failed}/10 requests failed cleanly; "
         f"{'recovered' if recovered else 'no recovery'} once it was restored"
     )
-    return result
 
 
-CHECKS: list[Check] = [
-    load,
-    disconnects,
-    cancelled,
-    failed_commits,
-    pool_exhausted,
-    postgres_restart,
-    credentials_rotated,
-    isolation,
+async def bad_input(target: Target, result: Result) -> str:
+    """Hypothesis and schemathesis: never a 5xx, and a 4xx never writes."""
+    fuzzer = Fuzzer(target.base_url, target.postgres.admin_dsn(target.database), target.tally)
+    settings = target.settings
+    run = fuzzer.run, settings.fuzz_examples, settings.schema_examples
+    result.failures, detail = await asyncio.to_thread(*run)
+    return detail
+
+
+@dataclass(frozen=True)
+class Check:
+    """A check of the table: its name, its function, and the checks run after it.
+
+    ``after``: ``"data"`` runs the leak check and the data check, ``"leaks"`` the leak check.
+    """
+
+    name: str
+    run: Callable[[Target, Result], Awaitable[str]]
+    after: str = "data"
+
+    async def __call__(self, target: Target) -> Result:
+        """Run the check, then the leak (and data) checks; a crash or overrun is a failure."""
+        result = Result(self.name)
+
+        async def whole() -> None:
+            result.detail = await self.run(target, result)
+            result.failures.extend(await target.checkpoint(data=self.after == "data"))
+
+        try:
+            await asyncio.wait_for(whole(), CHECK_TIMEOUT)
+        except TimeoutError:
+            result.failures.add(f"did not finish within {CHECK_TIMEOUT} s")
+        except Exception as exc:
+            result.failures.add(f"the check crashed: {exc!r}")
+        return result
+
+
+CHECKS = [
+    Check("load", load),
+    Check("disconnects", disconnects),
+    Check("cancelled", cancelled),
+    Check("failed commits", failed_commits),
+    Check("pool exhausted", pool_exhausted, "leaks"),
+    Check("postgres restart", postgres_restart),
+    Check("credentials rotated", credentials_rotated, "leaks"),
+    Check("isolation", isolation, "leaks"),
+    Check("bad input", bad_input, "leaks"),
 ]
+
+
+async def memory(target: Target) -> tuple[Result, str]:
+    """The in-process soak, in a process of its own; returns the result and its output.
+
+    Registry empty and no connection checked out at the end; RSS growth after the warm-up
+    under 5 MB; no 5xx.
+    """
+    result, settings, limit = Result("memory"), target.settings, 5.0
+    database = f"{target.database}_memory"
+    await target.postgres.create_database(database)
+    environment = {**target.environment(), "DATABASE_URL": target.postgres.app_url(database)}
+    counts = [str(settings.memory_requests), str(settings.memory_warmup)]
+    command = [sys.executable, "-m", "reliability.serve", "--soak", target.framework, *counts]
+    try:
+        completed = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, env=environment, cwd=ROOT,
+            timeout=CHECK_TIMEOUT,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        result.failures.add(f"the soak did not finish within {CHECK_TIMEOUT} s")
+        return result, ""
+    output = completed.stdout + completed.stderr
+    if completed.returncode:
+        result.failures.add(f"the soak exited {completed.returncode}: {completed.stderr[-300:]}")
+        return result, output
+    soak = json.loads(completed.stdout.splitlines()[-1])
+    growth = soak["growth_mb"]
+    if soak["registry"] or soak["checkedout"]:
+        result.failures.add(
+            f"after the soak: {soak['registry']} registry entries, {soak['checkedout']} checked out"
+        )
+    if growth is None or growth > limit:
+        result.failures.add(f"RSS grew {growth} MB after warm-up (limit {limit} MB)")
+    if any(int(code) >= 500 for code in soak["statuses"]):
+        result.failures.add(f"5xx during the soak: {soak['statuses']}")
+    result.detail = (
+        f"{soak['requests']:,} in-process requests: RSS {soak['rss_after_warmup']:.1f} MB after "
+        f"{settings.memory_warmup:,} warm-up requests, {soak['rss_end']:.1f} MB at the end "
+        f"({growth:+.1f} MB); registry {soak['registry']}, checked out {soak['checkedout']}"
+    )
+    return result, output
+
+
+def secrets(target: Target, reprs: list[str], memory_output: str) -> Result:
+    """The passwords never appear in responses, logs, or the reprs of the database objects."""
+    result = Result("secrets")
+    forbidden = [secret.decode() for secret in target.tally.forbidden]
+    log = target.log_path.read_text(errors="replace")
+    result.failures.extend(target.tally.secrets)
+    for where, text in (
+        ("the server's log", log),
+        ("the memory soak's output", memory_output),
+        ("the reprs of db, engine, URL and pool", "\n".join(reprs)),
+    ):
+        if any(secret in text for secret in forbidden):
+            result.failures.add(f"a database password appears in {where}")
+    if not reprs or "***" not in reprs[0]:
+        result.failures.add(f"repr(db) does not show the URL with its password masked: {reprs[:1]}")
+    found = "none found" if result.passed else "found (see below)"
+    result.detail = (
+        f"{target.tally.sent:,} responses, {len(log.splitlines()):,} log lines "
+        f"({log.count('Traceback')} tracebacks) and the reprs searched for the password and the "
+        f"rotated one: {found}"
+    )
+    return result

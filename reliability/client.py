@@ -11,8 +11,8 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -71,13 +71,23 @@ class Answer:
         """The body as JSON."""
         return json.loads(self.body)
 
+    @property
+    def ok(self) -> bool:
+        """A 1xx to 3xx response."""
+        return self.status is not None and self.status < 300
 
+    @property
+    def clean_error(self) -> bool:
+        """A failure the client can act on: a complete 500 or 503 response, no traceback."""
+        return self.status in (500, 503) and b"Traceback" not in self.body
+
+
+@dataclass
 class Failures:
     """The failures of one check: every one counted, the first few kept as examples."""
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.examples: list[str] = []
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
 
     def add(self, description: str) -> None:
         """Record a failure."""
@@ -105,8 +115,7 @@ async def send(
     **kwargs: Any,
 ) -> Answer:
     """Send one request; count and return what came back. ``stream`` reads the body in chunks."""
-    started = time.perf_counter()
-    where = f"{method} {path}"
+    started, where = time.perf_counter(), f"{method} {path}"
     try:
         async with asyncio.timeout(timeout):
             if stream:
@@ -115,31 +124,14 @@ async def send(
             else:
                 response = await client.request(method, path, **kwargs)
                 body = response.content
-    except TimeoutError:
-        tally.count("hung", where=where)
-        return Answer(None, "hung", elapsed=time.perf_counter() - started)
-    except httpx.TransportError:
-        tally.count("cut", where=where)
-        return Answer(None, "cut", elapsed=time.perf_counter() - started)
+    except (TimeoutError, httpx.TransportError) as exc:
+        outcome = "hung" if isinstance(exc, TimeoutError) else "cut"
+        tally.count(outcome, where=where)
+        return Answer(None, outcome, elapsed=time.perf_counter() - started)
     tally.count(str(response.status_code), body, where)
     return Answer(
         response.status_code, str(response.status_code), body, time.perf_counter() - started
     )
-
-
-@asynccontextmanager
-async def clients(base_url: str, count: int) -> AsyncIterator[list[httpx.AsyncClient]]:
-    """``count`` HTTP clients with one keep-alive connection each."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    timeout = httpx.Timeout(HUNG_AFTER)
-    async with AsyncExitStack() as stack:
-        made = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout)
-            )
-            for _ in range(count)
-        ]
-        yield made
 
 
 async def run_workers(
@@ -148,15 +140,24 @@ async def run_workers(
     ops: Iterable[Op],
     work: Callable[[httpx.AsyncClient, Op], Awaitable[None]],
 ) -> float:
-    """Run ``work(client, op)`` for every op, ``concurrency`` at a time; return the duration."""
-    pending = iter(ops)
+    """Run ``work(client, op)`` for every op, ``concurrency`` at a time; return the duration.
+
+    Each of the ``concurrency`` clients has one keep-alive connection.
+    """
+    pending, limits = iter(ops), httpx.Limits(max_connections=1, max_keepalive_connections=1)
 
     async def worker(client: httpx.AsyncClient) -> None:
         for op in pending:
             await work(client, op)
 
     started = time.perf_counter()
-    async with clients(base_url, concurrency) as made:
+    async with AsyncExitStack() as stack:
+        made = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=base_url, limits=limits, timeout=HUNG_AFTER)
+            )
+            for _ in range(concurrency)
+        ]
         await asyncio.gather(*(worker(client) for client in made))
     return time.perf_counter() - started
 
@@ -176,33 +177,29 @@ class Ledger:
     ids: list[int] = field(default_factory=list)  # of acknowledged todos, for reads
     titles: list[str] = field(default_factory=list)  # acknowledged, in order, for duplicates
 
-    def ack(self, todo: dict[str, Any]) -> None:
-        """Note a todo the API acknowledged."""
-        self.acked.add(todo["title"])
-        self.unknown.discard(todo["title"])
-        self.ids.append(todo["id"])
-        self.titles.append(todo["title"])
+    def ack(self, *todos: dict[str, Any]) -> None:
+        """Note todos the API acknowledged."""
+        for todo in todos:
+            self.acked.add(todo["title"])
+            self.unknown.discard(todo["title"])
+            self.ids.append(todo["id"])
+            self.titles.append(todo["title"])
 
     def check(self, found: set[str]) -> list[str]:
         """Compare the titles in the table with the ledger; describe every mismatch."""
-        problems = []
-        missing = self.acked - found
-        if missing:
-            problems.append(
-                f"{len(missing)} acknowledged todo(s) missing, e.g. {sorted(missing)[:3]}"
-            )
-        written = found & self.refused
-        if written:
-            problems.append(f"{len(written)} refused todo(s) written, e.g. {sorted(written)[:3]}")
-        stray = found - self.acked - self.unknown - self.refused
-        if stray:
-            problems.append(f"{len(stray)} todo(s) nobody created, e.g. {sorted(stray)[:3]}")
-        return problems
+        mismatches = [
+            (self.acked - found, "acknowledged todo(s) missing"),
+            (found & self.refused, "refused todo(s) written"),
+            (found - self.acked - self.unknown - self.refused, "todo(s) nobody created"),
+        ]
+        return [
+            f"{len(titles)} {what}, e.g. {sorted(titles)[:3]}"
+            for titles, what in mismatches
+            if titles
+        ]
 
 
 def percentile(values: list[float], fraction: float) -> float:
     """The ``fraction`` percentile of ``values`` (0 when empty)."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
+    ordered = sorted(values) or [0.0]
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]

@@ -25,8 +25,9 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from websockets.sync.client import connect
 
+from tooling.postgres import APP_ROLE
+
 from .client import Failures, Tally
-from .postgres import APP_ROLE
 
 # Every committed statement that writes to todos bumps a counter; a rolled-back one does not.
 WRITE_COUNTER = """

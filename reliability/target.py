@@ -10,11 +10,11 @@ from typing import IO, Any
 
 import httpx
 
+from tooling.postgres import PrivatePostgres
 from tooling.servers import ServerProcess
 
 from .client import Ledger, Tally
-from .postgres import PrivatePostgres
-from .routes import MISSING_PARENT_ID
+from .serve import MISSING_PARENT_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL_SIZE = 5
@@ -88,6 +88,11 @@ class Target:
         """The base URL for websockets."""
         return self.base_url.replace("http://", "ws://")
 
+    @property
+    def port(self) -> int:
+        """The server's port."""
+        return int(self.base_url.rsplit(":", 1)[1])
+
     def environment(self) -> dict[str, str]:
         """The example's environment: its database and a pool smaller than the concurrency."""
         return {
@@ -107,22 +112,16 @@ class Target:
         self.process = ServerProcess("reliability.serve", self.framework, env=env, log=self._log)
         self.base_url = await asyncio.to_thread(self.process.wait_until_listening)
 
-    async def stop(self) -> int | None:
-        """Stop the server (SIGTERM: it runs the app's shutdown); return its exit code."""
-        if self.process is None:
-            return None
-        code = await asyncio.to_thread(self.process.stop)
+    async def stop(self) -> None:
+        """Stop the server (SIGTERM: it runs the app's shutdown)."""
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop)
         if self._log is not None:
             self._log.close()
-        return code
 
-    async def admin_fetch(self, query: str, *args: Any) -> list[Any]:
+    async def admin_fetch(self, query: str) -> list[Any]:
         """Run a query as the admin in the example's database."""
-        connection = await self.postgres.admin(self.database)
-        try:
-            return list(await connection.fetch(query, *args))
-        finally:
-            await connection.close()
+        return await self.postgres.admin(query, database=self.database)
 
     async def leaks(self, wait: float = 5.0) -> list[str]:
         """Registry entries, checked-out connections and idle-in-transaction backends left.
@@ -132,20 +131,24 @@ class Target:
         """
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            found = []
             async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as client:
                 report = (await client.get("/__leaks")).json()
-            if report["registry"]:
-                found.append(f"registry holds {report['registry']} session(s)")
-            if report["checkedout"]:
-                found.append(f"{report['checkedout']} pooled connection(s) checked out")
-            idle = await self.admin_fetch(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
-                " AND state LIKE 'idle in transaction%'",
-                self.database,
+            ((idle,),) = await self.admin_fetch(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state LIKE 'idle in transaction%'"
             )
-            if idle[0][0]:
-                found.append(f"{idle[0][0]} backend(s) idle in transaction")
+            found = [
+                what
+                for count, what in [
+                    (report["registry"], f"registry holds {report['registry']} session(s)"),
+                    (
+                        report["checkedout"],
+                        f"{report['checkedout']} pooled connection(s) checked out",
+                    ),
+                    (idle, f"{idle} backend(s) idle in transaction"),
+                ]
+                if count
+            ]
             if not found or asyncio.get_running_loop().time() > deadline:
                 return found
             await asyncio.sleep(0.1)
@@ -154,10 +157,8 @@ class Target:
         """Compare the tables with what the clients were told."""
         titles = {row[0] for row in await self.admin_fetch("SELECT title FROM todos")}
         problems = self.ledger.check(titles)
-        children = {
-            row[0]: row[1]
-            for row in await self.admin_fetch("SELECT name, parent_id FROM reliability_children")
-        }
+        query = "SELECT name, parent_id FROM reliability_children"
+        children = {row[0]: row[1] for row in await self.admin_fetch(query)}
         for name, acked in self.children.items():
             if acked and name not in children:
                 problems.append(f"acknowledged child {name} missing")
