@@ -23,8 +23,10 @@ from alchemy_scope import (
     InsightOffError,
     MissingAsyncDriverError,
     NoScopeError,
+    PgBouncerDriverError,
     ScopeClosedError,
     SharedConnectionBusyError,
+    UnsupportedReplicasError,
     UnwatchedDatabaseError,
     is_database_unavailable,
 )
@@ -215,15 +217,19 @@ def test_async_drivers_pass(url: str) -> None:
         MissingAsyncDriverError("sqlite", "uses pysqlite, a synchronous driver"),
         UnwatchedDatabaseError("Database('sqlite+aiosqlite://', commit='autocommit')"),
         InsightOffError("Database('sqlite+aiosqlite://', commit='manual')"),
+        UnsupportedReplicasError("mysql+asyncmy://root@127.0.0.1/test"),
+        PgBouncerDriverError("postgresql+psycopg"),
     ],
     ids=lambda error: type(error).__name__,
 )
 def test_message_ends_with_its_documentation_link(error: AlchemyScopeError) -> None:
+    """Every exception's message ends with the link to its section of the errors page."""
     link = f"{DOCS_URL}errors/#{type(error).__name__.lower()}"
     assert str(error).endswith(link)
 
 
 def test_every_public_exception_has_a_link_test() -> None:
+    """No exported exception is left out of the documentation-link test above."""
     exported = {
         name
         for name in alchemy_scope.__all__
@@ -240,5 +246,7 @@ def test_every_public_exception_has_a_link_test() -> None:
         "MissingAsyncDriverError",
         "UnwatchedDatabaseError",
         "InsightOffError",
+        "UnsupportedReplicasError",
+        "PgBouncerDriverError",
     }
     assert exported <= tested
