@@ -90,6 +90,7 @@ async def test_bad_sql_is_not_unavailable(engine: AsyncEngine) -> None:
 
 
 async def test_constraint_violation_is_not_unavailable(engine: AsyncEngine) -> None:
+    """A constraint violation is the request's fault: not a 503."""
     async with engine.begin() as conn:
         await conn.execute(text("CREATE TABLE unavailable_probe (id INTEGER PRIMARY KEY)"))
     try:
@@ -107,6 +108,7 @@ async def test_constraint_violation_is_not_unavailable(engine: AsyncEngine) -> N
 
 
 async def test_refused_connection_is_unavailable(leg_url: str) -> None:
+    """A server that refuses the connection is an outage: a 503."""
     if leg_url.startswith("sqlite"):
         pytest.skip("SQLite has no server")
     url = make_url(leg_url).set(host="127.0.0.1", port=_free_port())
@@ -115,6 +117,7 @@ async def test_refused_connection_is_unavailable(leg_url: str) -> None:
 
 
 async def test_exhausted_pool_is_unavailable(leg_url: str) -> None:
+    """No pooled connection free within the pool's timeout is a 503."""
     engine = create_async_engine(  # a queue pool on SQLite too (older SQLAlchemy: NullPool)
         leg_url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0, pool_timeout=0.1
     )
@@ -152,6 +155,7 @@ async def test_locked_sqlite_database_is_unavailable(tmp_path: Path) -> None:
 
 
 def test_plain_exceptions_are_not_unavailable() -> None:
+    """Non-database errors are not outages; connection resets are."""
     assert not is_database_unavailable(ValueError("bad input"))
     assert not is_database_unavailable(asyncio.CancelledError())
     assert is_database_unavailable(ConnectionResetError())
@@ -165,6 +169,7 @@ def test_plain_exceptions_are_not_unavailable() -> None:
     ["sqlite:///app.db", "postgresql+psycopg2://user:secret@db/app", "mysql+pymysql://u@h/d"],
 )
 def test_synchronous_driver_is_refused_with_a_hint(url: str) -> None:
+    """A URL with a synchronous or missing driver is refused, naming the async one to use."""
     with pytest.raises(MissingAsyncDriverError) as caught:
         _check_async_driver(url)
     message = str(caught.value)
@@ -198,6 +203,7 @@ def test_uninstalled_async_driver_is_named() -> None:
     ],
 )
 def test_async_drivers_pass(url: str) -> None:
+    """URLs naming an installed async driver pass the check."""
     _check_async_driver(url)
     _check_async_driver(make_url(url))
 
