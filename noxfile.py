@@ -535,8 +535,11 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (not in `tests`, not in CI): both policies against the framework and the seed.
 
     Writes benchmarks/results/ and takes about 1.5 hours on a quiet machine;
-    `nox -s bench -- --quick` is a smoke run of a minute or two that writes
-    benchmarks/results/quick/. PostgreSQL from ALCHEMY_SCOPE_BENCH_POSTGRES (default
+    `nox -s bench -- --standard` measures only the cells of issue 13's goal (every framework
+    and variant, in-process and behind the server; 15 rounds of short samples) in about 17
+    minutes and writes benchmarks/results/standard/; `-- --quick` is a smoke run of a minute
+    or two that writes benchmarks/results/quick/; `--rounds N --scale F` make a trial of a
+    profile (benchmarks/results/trial/). PostgreSQL from ALCHEMY_SCOPE_BENCH_POSTGRES (default
     postgresql+asyncpg://postgres@127.0.0.1:5432/test).
     """
     directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]

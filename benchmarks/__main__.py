@@ -16,9 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from benchmarks import report, server
 from benchmarks.variants import FRAMEWORKS, POOLS, Cell, cells, create_table, drop_table, engine
@@ -54,10 +56,45 @@ QUICK: dict[str, Any] = {  # every framework and variant, a few cells, short sam
     "server_frameworks": ["starlette", "quart"],  # uvicorn and hypercorn
     "memory_requests": 5_000,
 }
+# Issue 13's goal, and nothing else: /ping, then the read and the insert on SQLite and
+# PostgreSQL at concurrency 1 and 32, and the insert on the pool of 8 at concurrency 32; every
+# cell in-process and behind the server. 15 rounds, no extra ones; short samples, taken by the
+# raw client behind the server (wrk samples last whole seconds), a lean warm-up: about 17
+# minutes on a quiet 2-core machine (see README.md: How long).
+STANDARD_CELLS = [("ping", "sqlite", 1), ("insert", "postgresql-pool8", 32)] + [
+    (route, database, concurrency)
+    for concurrency in (1, 32)
+    for route in ("read", "insert")
+    for database in ("sqlite", "postgresql")
+]
+STANDARD: dict[str, Any] = {
+    **FULL,
+    "micro": [15, 100_000],
+    "sample_seconds": 0.08,
+    "min_requests": 80,
+    "rounds": [15, 15],
+    "cells": STANDARD_CELLS,
+    "server_seconds": 0.15,
+    "server_rounds": [15, 15],
+    "lean_warmup": True,
+    "server_cells": STANDARD_CELLS,
+    "memory_requests": 50_000,
+}
+SCALED = ("sample_seconds", "min_requests", "server_seconds", "memory_requests")
 
 
-def python_module(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", *args], cwd=ROOT, check=True)
+def child(scratch: str, module: str, *args: str) -> subprocess.Popen[bytes]:
+    """Start ``python -m MODULE OUT ARGS`` (OUT: ``<scratch>/<module> <args>.json``)."""
+    out = Path(scratch) / f"{' '.join([module, *args])[:80].replace('/', '_')}.json"
+    return subprocess.Popen([sys.executable, "-m", module, str(out), *args], cwd=ROOT)
+
+
+def results_of(*processes: subprocess.Popen[bytes]) -> list[Any]:
+    """Wait for the children; the JSON each wrote."""
+    for process in processes:
+        if process.wait() != 0:
+            raise subprocess.CalledProcessError(process.returncode, process.args)
+    return [json.loads(Path(str(process.args[3])).read_text()) for process in processes]
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -85,76 +122,67 @@ def phase(log: list[dict[str, Any]], name: str, work: Callable[[], Any]) -> Any:
     return result
 
 
+def profile(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The settings of the profile chosen, and the results' directory under results/.
+
+    ``--rounds`` and ``--scale`` make a trial of a profile, written to results/trial/.
+    """
+    settings = dict(QUICK if args.quick else STANDARD if args.standard else FULL)
+    if not (args.rounds or args.scale):
+        return settings, "quick" if args.quick else "standard" if args.standard else ""
+    rounds = [args.rounds] * 2 if args.rounds else None
+    settings.update(rounds=rounds or settings["rounds"])
+    settings.update(server_rounds=rounds or settings["server_rounds"])
+    scale = args.scale or 1
+    settings.update({key: type(settings[key])(settings[key] * scale) for key in SCALED})
+    settings["micro"] = [settings["micro"][0], int(settings["micro"][1] * scale)]
+    return settings, "trial"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="nox -s bench --", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    exclusive = parser.add_mutually_exclusive_group()
+    exclusive.add_argument("--quick", action="store_true", help="a one-minute smoke run")
+    exclusive.add_argument("--standard", action="store_true", help="issue 13's cells, ~17 min")
+    parser.add_argument("--rounds", type=int, help="exactly this many rounds (a trial run)")
+    parser.add_argument("--scale", type=float, help="samples this much longer (a trial run)")
     parser.add_argument("--out", type=Path, help="results directory")
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=FRAMEWORKS)
     args = parser.parse_args()
-    settings = dict(QUICK if args.quick else FULL)
-    out: Path = args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else "")
+    settings, name = profile(args)
+    out: Path = args.out or ROOT / "benchmarks" / "results" / name
     out.mkdir(parents=True, exist_ok=True)
     started, log = time.time(), []
     serving = [f for f in args.frameworks if f in settings.get("server_frameworks", FRAMEWORKS)]
+    postgres = os.environ.get(
+        "ALCHEMY_SCOPE_BENCH_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+    )
     with tempfile.TemporaryDirectory(prefix="alchemy-scope-bench-") as scratch:
-        postgres = os.environ.get(
-            "ALCHEMY_SCOPE_BENCH_POSTGRES", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-        )
         sqlite = f"sqlite+aiosqlite:///{scratch}/bench.db"
         settings["databases"] = {name: sqlite if name == "sqlite" else postgres for name in POOLS}
         for key in ("cells", "server_cells"):
-            chosen = (
-                [Cell(*cell) for cell in settings[key]] if key in settings else cells(list(POOLS))
-            )
+            chosen = [Cell(*c) for c in settings[key]] if key in settings else cells(list(POOLS))
             settings[key] = [cell.__dict__ for cell in chosen]
-        databases = {"sqlite": settings["databases"]["sqlite"], "postgresql": postgres}
-
-        async def prepare() -> dict[str, str]:
-            found = {}
-            for name, url in databases.items():
-                bound = engine(name, url)
-                found[name] = await create_table(bound)
-                await bound.dispose()
-            return found
-
-        database_versions = asyncio.run(prepare())
+        databases = {"sqlite": sqlite, "postgresql": postgres}
+        database_versions = asyncio.run(tables(databases, create_table))
         try:
-            micro_file = Path(scratch) / "micro.json"
-            phase(
-                log,
-                "micro",
-                lambda: python_module(
-                    "benchmarks.micro", str(micro_file), *map(str, settings["micro"])
-                ),
-            )
+            micro = phase(log, "micro", lambda: results_of(
+                child(scratch, "benchmarks.micro", *map(str, settings["micro"]))
+            )[0])  # fmt: skip
             records = []
             for framework in args.frameworks:
-                path = Path(scratch) / f"asgi-{framework}.json"
-                phase(
-                    log,
-                    f"asgi {framework}",
-                    lambda f=framework, p=path: python_module(
-                        "benchmarks.inprocess", f, str(p), json.dumps(settings)
-                    ),
-                )
-                records += json.loads(path.read_text())
-            served, generator = phase(
-                log,
-                "server",
-                lambda: server.measure(serving, settings),
-            )
+                records += phase(log, f"asgi {framework}", lambda f=framework: results_of(
+                    child(scratch, "benchmarks.inprocess", f, json.dumps(settings))
+                )[0])  # fmt: skip
+            served, generator = phase(log, "server", lambda: server.measure(serving, settings))
             records += served
-            memory = phase(log, "memory", lambda: measure_memory(settings, Path(scratch)))
-            micro = json.loads(micro_file.read_text())
+            memory = phase(log, "memory", lambda: results_of(*(  # side by side
+                child(scratch, "benchmarks.memory", "starlette", variant, sqlite,
+                      str(settings["memory_requests"]))
+                for variant in ("baseline", "manual")
+            )))  # fmt: skip
         finally:
-
-            async def clean_up() -> None:
-                for name, url in databases.items():
-                    bound = engine(name, url)
-                    await drop_table(bound)
-                    await bound.dispose()
-
-            asyncio.run(clean_up())
+            asyncio.run(tables(databases, drop_table))
     summary = report.summarize(records)
     results = {
         "command": "nox -s bench" + (" -- " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""),
@@ -181,18 +209,14 @@ def main() -> None:
     print(f"Results in {out}: results.json, results.md, bench.png", flush=True)
 
 
-def measure_memory(settings: dict[str, Any], scratch: Path) -> list[dict[str, Any]]:
-    """Starlette's baseline and alchemy-scope (manual), in two processes side by side."""
-    files = {variant: scratch / f"memory-{variant}.json" for variant in ("baseline", "manual")}
-    url, requests = settings["databases"]["sqlite"], str(settings["memory_requests"])
-    command = [sys.executable, "-m", "benchmarks.memory", "starlette"]
-    processes = [
-        subprocess.Popen([*command, v, url, str(p), requests], cwd=ROOT) for v, p in files.items()
-    ]
-    for process in processes:
-        if process.wait() != 0:
-            raise subprocess.CalledProcessError(process.returncode, process.args)
-    return [json.loads(path.read_text()) for path in files.values()]
+async def tables(databases: dict[str, str], do: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
+    """``do(engine)`` on every database (creating or dropping the table); what each returned."""
+    found = {}
+    for name, url in databases.items():
+        bound = engine(name, url)
+        found[name] = await do(bound)
+        await bound.dispose()
+    return found
 
 
 main()

@@ -1,6 +1,6 @@
 """The in-process driver: every variant of one framework, called directly, cell by cell.
 
-`python -m benchmarks.inprocess FRAMEWORK OUT.json SETTINGS_JSON` (run by `nox -s bench`, a
+`python -m benchmarks.inprocess OUT.json FRAMEWORK SETTINGS_JSON` (run by `nox -s bench`, a
 process per framework, on uvloop). Each database configuration has one engine, shared by the
 variants; every app's lifespan runs first. A cell's requests per sample are set from the
 baseline's warm-up (``sample_seconds`` long, at least ``min_requests``) and are the same for
@@ -73,6 +73,6 @@ async def measure(framework: str, settings: dict[str, Any]) -> list[dict[str, An
 
 
 if __name__ == "__main__":
-    framework, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    out, framework, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     with open(out, "w") as file:
         json.dump(uvloop.run(measure(framework, settings)), file)

@@ -1,6 +1,6 @@
 """Memory of a served app: RSS over many in-process requests, and tracemalloc on a read.
 
-`python -m benchmarks.memory FRAMEWORK VARIANT SQLITE_URL OUT.json REQUESTS`. The requests
+`python -m benchmarks.memory OUT.json FRAMEWORK VARIANT SQLITE_URL REQUESTS`. The requests
 cycle through eight `GET /ping`, one read and one insert, at concurrency 1; RSS is sampled at
 every tenth of the run. Then the read alone: the peak bytes allocated during one request, and
 the bytes left allocated per request over many more.
@@ -42,6 +42,6 @@ async def measure(framework: str, variant: str, url: str, requests: int) -> dict
 
 
 if __name__ == "__main__":
-    framework, variant, url, out, requests = sys.argv[1:]
+    out, framework, variant, url, requests = sys.argv[1:]
     with open(out, "w") as file:
         json.dump(uvloop.run(measure(framework, variant, url, int(requests))), file)

@@ -49,6 +49,10 @@ def _title(route: str, database: str) -> str:
 
 HEADER = ["framework", "route, database", "rounds", "baseline req/s", "manual", "autocommit"]
 HEADER += ["seed's pattern", "manual ÷ seed", "autocommit ÷ seed"]
+MICRO_HEADER = ["app", "ns per request", "added to the bare app", "peak bytes in a request"]
+MICRO_HEADER += ["bytes retained per request"]
+MEMORY_HEADER = ["variant", "RSS after each tenth (MiB)", "growth after the first tenth"]
+MEMORY_HEADER += ["read: peak bytes", "read: bytes retained per request"]
 
 
 def tables(summary: list[dict[str, Any]]) -> list[str]:
@@ -78,20 +82,12 @@ def tables(summary: list[dict[str, Any]]) -> list[str]:
 
 
 def _micro_rows(micro: dict[str, Any]) -> list[list[str]]:
-    bare = micro["ns_per_request"]["bare ASGI app"]
-    rows = []
+    bare, rows = micro["ns_per_request"]["bare ASGI app"], []
     for name, samples in micro["ns_per_request"].items():
         added = spread(a - b for a, b in zip(samples, bare, strict=True))["median"]
-        memory = micro["memory"][name]
-        rows.append(
-            [
-                name,
-                f"{spread(samples)['median']:.0f}",
-                f"{added:+.0f}",
-                f"{memory['peak_bytes']:,}",
-                f"{memory['retained_bytes_per_request']:.3f}",
-            ]
-        )
+        peak, kept = micro["memory"][name].values()
+        rows.append([name, f"{spread(samples)['median']:.0f}", f"{added:+.0f}", f"{peak:,}",
+                     f"{kept:.3f}"])  # fmt: skip
     return rows
 
 
@@ -100,15 +96,8 @@ def _memory_rows(memory: list[dict[str, Any]]) -> list[list[str]]:
     for run in memory:
         rss = " ".join(f"{value / 2**20:.1f}" for _, value in run["rss"][1:])
         growth = f"{(run['rss'][-1][1] - run['rss'][1][1]) / 1024:+.0f} KiB"
-        rows.append(
-            [
-                run["variant"],
-                rss,
-                growth,
-                f"{run['read_peak_bytes']:,}",
-                f"{run['read_retained_bytes_per_request']:.2f}",
-            ]
-        )
+        rows.append([run["variant"], rss, growth, f"{run['read_peak_bytes']:,}",
+                     f"{run['read_retained_bytes_per_request']:.2f}"])  # fmt: skip
     return rows
 
 
@@ -146,34 +135,14 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"{micro['calls_per_round']:,} calls per round, {rounds} rounds (median).",
         "",
-        *table(
-            [
-                "app",
-                "ns per request",
-                "added to the bare app",
-                "peak bytes in a request",
-                "bytes retained per request",
-            ],
-            _micro_rows(micro),
-            4,
-        ),
+        *table(MICRO_HEADER, _micro_rows(micro), 4),
         "",
         "## Memory (Starlette, SQLite, in-process, concurrency 1)",
         "",
         "Requests cycle through 8 `GET /ping`, 1 read, 1 insert; RSS (MiB) at each tenth of the "
         "run; then, under tracemalloc, the read route alone.",
         "",
-        *table(
-            [
-                "variant",
-                "RSS after each tenth (MiB)",
-                "growth after the first tenth",
-                "read: peak bytes",
-                "read: bytes retained per request",
-            ],
-            _memory_rows(results["memory"]),
-            3,
-        ),
+        *table(MEMORY_HEADER, _memory_rows(results["memory"]), 3),
         "",
     ]
     return "\n".join(lines)

@@ -4,9 +4,9 @@
 httptools, or hypercorn for Quart; uvloop; no access log) through
 :func:`tooling.servers.serve_until_signalled`. :func:`measure` runs the four servers of one
 framework and database configuration side by side and loads them cell by cell with `wrk`
-(or, without it, :func:`hammer`). On PostgreSQL a server's pool is filled just before its
-turn and emptied just after it (``POST /__dispose``), so that idle servers hold no
-connections (PostgreSQL allows 100).
+(or, without it or for samples under a second, :func:`tooling.rawhttp.hammer`). On PostgreSQL
+a server's pool is filled just before its turn and emptied just after it (``POST
+/__dispose``), so that idle servers hold no connections (PostgreSQL allows 100).
 """
 
 import asyncio
@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from benchmarks.variants import (
     interleaved,
     records,
 )
+from tooling.rawhttp import hammer, request_bytes
 from tooling.servers import ServerProcess, serve_until_signalled
 
 OPTIONS = {"uvicorn": {"http": "httptools", "ws": "none", "access_log": False}, "hypercorn": {}}
@@ -59,51 +59,6 @@ class Disposing:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
         return None
-
-
-def raw_request(route: Route, port: int) -> bytes:
-    """The bytes of ``route``'s request."""
-    head = f"{route.method} {route.path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-    if route.body:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(route.body)}\r\n"
-    return head.encode() + b"\r\n" + route.body
-
-
-async def hammer(
-    route: Route, port: int, connections: int, *, requests: int = 0, seconds: float = 0
-) -> tuple[int, int, float]:
-    """``connections`` keep-alive connections each send ``requests`` (or for ``seconds``).
-
-    Our own client, not httpx or aiohttp: on a shared 2-core machine the load generator
-    competes with the server for the CPU, and those spend several times the server's CPU time
-    per request parsing and pooling. This one writes fixed bytes and reads the status line,
-    the headers and a Content-Length or chunked body. Returns the responses, how many had
-    another status than the route's, and the seconds.
-    """
-    raw, counts = raw_request(route, port), [0, 0]
-    started = time.perf_counter()
-
-    async def connection() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            sent = 0
-            while (sent < requests) if requests else (time.perf_counter() < started + seconds):
-                writer.write(raw)
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
-                if match := re.search(r"content-length: *(\d+)", head):
-                    await reader.readexactly(int(match[1]))
-                elif "chunked" in head:
-                    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-                        await reader.readexactly(size + 2)
-                    await reader.readexactly(2)
-                sent += 1
-                counts[0] += 1
-                counts[1] += int(head.split(" ", 2)[1]) != route.status
-        finally:
-            writer.close()
-
-    await asyncio.gather(*(connection() for _ in range(connections)))
-    return counts[0], counts[1], time.perf_counter() - started
 
 
 async def wrk(route: Route, port: int, connections: int, seconds: float, scripts: Path) -> float:
@@ -133,6 +88,7 @@ class Group:
 
     def __init__(self, framework: str, database: str, url: str, settings: dict[str, Any]) -> None:
         self.pooled, self.seconds = database.startswith("postgresql"), settings["server_seconds"]
+        self.pool, self.lean = POOLS[database], settings.get("lean_warmup", False)
         self.wrk = bool(shutil.which("wrk")) and self.seconds >= 1  # wrk takes whole seconds
         self.servers = {
             variant: ServerProcess("benchmarks.server", framework, variant, database, url)
@@ -145,37 +101,49 @@ class Group:
             self.stop()
             raise
 
-    async def send(self, route: Route, port: int, connections: int, each: int) -> float:
-        """``each`` requests on each of ``connections``; requests per second."""
-        sent, errors, seconds = await hammer(route, port, connections, requests=each)
+    async def send(
+        self, route: Route, port: int, connections: int, each: int = 0, seconds: float = 0
+    ) -> float:
+        """``each`` requests (or ``seconds``) on each of ``connections``; requests per second.
+
+        The raw client of :mod:`tooling.rawhttp`: httpx would spend more CPU per request than
+        the server it loads, on the same two cores.
+        """
+        raw = request_bytes(route.method, route.path, route.body)
+        sent, errors, took = await hammer(
+            raw, port, connections, route.status, requests=each, seconds=seconds
+        )
         if errors:
             raise RuntimeError(f"{errors} of {sent} responses of {route.path} on {port} failed")
-        return sent / seconds
+        return sent / took
 
     async def sample(self, variant: str, cell: Cell, scripts: Path) -> float:
         """One sample, tried again 10 s later when it fails (PostgreSQL is shared: it may be full).
 
-        Warm first (code paths, and on PostgreSQL the pool filled); empty the pool after.
+        Warm first (code paths, and on PostgreSQL the pool filled); empty the pool after. A
+        lean warm-up (the standard profile) sends two requests on each of the cell's
+        connections, and empties the pool only when the four servers would otherwise hold more
+        than 32 connections (PostgreSQL at concurrency 32 on the pool of 32).
         """
         route, port = ROUTES[cell.route], self.servers[variant].port
+        connections = cell.concurrency if self.lean else 32
+        dispose = self.pooled and (
+            not self.lean or min(cell.concurrency, self.pool) * len(VARIANTS) > 32
+        )
         for attempt in range(6):
             try:
-                await self.send(route, port, 32, 1 if route.name == "ping" else 5)
+                warm = 2 if self.lean else 1 if route.name == "ping" else 5
+                await self.send(route, port, connections, warm)
                 if self.wrk:
                     return await wrk(route, port, cell.concurrency, self.seconds, scripts)
-                sent, errors, seconds = await hammer(
-                    route, port, cell.concurrency, seconds=self.seconds
-                )
-                if errors:
-                    raise RuntimeError(f"{errors} of {sent} responses of {route.path} failed")
-                return sent / seconds
+                return await self.send(route, port, cell.concurrency, seconds=self.seconds)
             except (RuntimeError, OSError) as error:
                 if attempt == 5:
                     raise
                 print(f"{error!r}\nretrying in 10 s", file=sys.stderr, flush=True)
                 await asyncio.sleep(10)
             finally:
-                if self.pooled:
+                if dispose:
                     await self.send(DISPOSE, port, 1, 1)
         raise AssertionError("unreachable")
 
@@ -201,7 +169,7 @@ def measure(frameworks: list[str], settings: dict[str, Any]) -> tuple[list[dict[
 
                     samples = asyncio.run(interleaved(sample, settings["server_rounds"]))
                     found += records("server", framework, cell, samples, seconds=group.seconds)
-            generator = "wrk -t1" if group.wrk else "benchmarks.server.hammer"
+            generator = "wrk -t1" if group.wrk else "tooling.rawhttp.hammer"
         finally:
             group.stop()
     return found, generator

@@ -187,7 +187,7 @@ class SeedMiddleware:
 def build(framework: str, variant: str, engine: AsyncEngine) -> Any:
     """The ASGI app of one variant of one framework on ``engine``.
 
-    ``benchmarks.apps_<framework>.app(handlers, db, wrap)`` builds it: ``db`` is the
+    ``benchmarks.apps.<framework>(handlers, db, wrap)`` builds it: ``db`` is the
     alchemy-scope ``Database`` to install (or None), ``wrap`` wraps the ASGI callable.
     """
     sessionmaker = async_sessionmaker(engine, expire_on_commit=False)  # alchemy-scope's default
@@ -200,7 +200,8 @@ def build(framework: str, variant: str, engine: AsyncEngine) -> Any:
     else:
         database = db = Database(engine, commit=variant)
         handlers = Handlers(lambda: database.session, commit=variant == "manual")
-    return importlib.import_module(f"benchmarks.apps_{framework}").app(handlers, db, wrap)
+    apps = importlib.import_module("benchmarks.apps")  # it imports this module
+    return getattr(apps, framework)(handlers, db, wrap)  # type: ignore[no-any-return]
 
 
 async def interleaved(
