@@ -799,7 +799,7 @@ def _select_for_import_time(session: nox.Session, tests_of: str | None) -> list[
 
 
 def _function_of(mutant: str) -> str:
-    """``alchemy_scope._core.xǁScopeǁ_end__mutmut_3`` -> ``alchemy_scope._core.Scope._end``."""
+    """``alchemy_scope._guard.xǁSessionGuardǁrun__mutmut_3`` -> ``…_guard.SessionGuard.run``."""
     module, _, mangled = mutant.partition("__mutmut_")[0].rpartition(".")
     if mangled.startswith("xǁ"):
         return f"{module}.{'.'.join(mangled[2:].split('ǁ'))}"
@@ -904,12 +904,12 @@ def _mutants_jobs(databases: str) -> int:
 
 @nox.session(python="3.11", default=False)
 def mutants(session: nox.Session) -> None:
-    """Mutation testing of the core's lifecycle (_core, _middleware, _database) with mutmut.
+    """Mutation testing of the core's lifecycle (_scope, _guard, _lifecycle, ...) with mutmut.
 
     Not in `tests`, not in CI. Runs tests/core on SQLite against each mutant, then prints
     the figures and writes the surviving mutants with their diffs to .mutmut/survivors.md
     (tests/MUTANTS.md: how to read them, the last figures). A full run starts afresh;
-    `nox -s mutants -- --keep` resumes an interrupted one, and `-- 'alchemy_scope._core*'`
+    `nox -s mutants -- --keep` resumes an interrupted one, and `-- 'alchemy_scope._lifecycle*'`
     retests mutants by name (mutmut's globs) with the current tests. Parallel mutants:
     ALCHEMY_SCOPE_MUTANTS_JOBS (default: 2 on an idle machine, else 1). Server legs, slow
     and one mutant at a time: ALCHEMY_SCOPE_MUTANTS_DATABASES, spelt like
