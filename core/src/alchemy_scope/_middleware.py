@@ -8,7 +8,7 @@ from typing import Any
 from ._insight import EngineWatch, server_timing
 from ._lifecycle import Message, Send, before_send, enter, leave
 from ._replicas import ReplicaSet, bookmark_cookies, with_bookmark_cookies
-from ._scope import Scope, SessionOwner
+from ._scope import Scope, SessionOwner, UnwatchedScope
 
 Receive = Callable[[], Awaitable[Message]]
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
@@ -59,25 +59,25 @@ class ScopeMiddleware:
             watches = (getattr(db, "_insight", None) for db in databases)
             self.timed = [watch for watch in watches if watch and watch.server_timing]
             self.watching = self.watching or bool(self.timed) or self.bookmarks is not None
+        self._scope_class = Scope if self.watching else UnwatchedScope
+        self._decorate = _start_decorator(self.timed, self.bookmarks)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        current = Scope()  # cheap: no session and no connection until db.session is read
+        # Cheap: no session and no connection until db.session is read. A middleware that
+        # does not watch responses opens scopes of a subclass that says so, at no cost.
+        current = self._scope_class()
         current._request = scope
         if self.serialize:
             current.serialize = True
         watching = self.watching
-        if not watching:
-            current._unwatched = True
         token = enter(current)
         try:
             if watching:
-                await self.app(
-                    scope, receive, _watching_send(current, send, self.timed, self.bookmarks)
-                )
+                await self.app(scope, receive, _watching_send(current, send, self._decorate))
             else:  # manual commits only: nothing to do before the response is sent
                 await self.app(scope, receive, send)
         except BaseException as exc:
@@ -92,31 +92,50 @@ class ScopeMiddleware:
             await ending
 
 
-def _watching_send(
-    current: Scope,
-    send: Send,
-    timed: list[EngineWatch] | None,
-    bookmarks: list[ReplicaSet] | None = None,
-) -> Send:
+def _watching_send(current: Scope, send: Send, decorate: StartDecorator | None) -> Send:
     """Wrap ``send`` to learn the response status and commit before the client hears of it.
+
+    ``decorate``: what adds headers to the response start (Server-Timing, bookmark cookies),
+    once its commit is done; ``None`` when nothing does.
+    """
+
+    async def send_in_scope(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            current.status = message["status"]
+            if current._opened and not await before_send(current, message, send):
+                return
+            if decorate is not None:
+                message = decorate(current, message)
+        elif current._opened and not await before_send(current, message, send):
+            return
+        await send(message)
+
+    return send_in_scope
+
+
+StartDecorator = Callable[[Scope, Message], Message]
+
+
+def _start_decorator(
+    timed: list[EngineWatch] | None, bookmarks: list[ReplicaSet] | None
+) -> StartDecorator | None:
+    """What adds the response start's headers: ``Server-Timing`` and bookmark cookies.
 
     ``timed``: the engines whose figures go in a Server-Timing header (an empty list: no
     header; ``None``: those of the scope that ask for one).
     """
     timing = timed is None or bool(timed)
+    if not timing and bookmarks is None:
+        return None
 
-    async def send_in_scope(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            current.status = message["status"]
-        if current._opened and not await before_send(current, message, send):
-            return
-        if timing and message["type"] == "http.response.start":
+    def decorate(current: Scope, message: Message) -> Message:
+        if timing:
             message = _with_server_timing(current, message, timed)
-        if bookmarks is not None and message["type"] == "http.response.start":
+        if bookmarks is not None:
             message = with_bookmark_cookies(current, message, bookmarks)
-        await send(message)
+        return message
 
-    return send_in_scope
+    return decorate
 
 
 def _with_server_timing(

@@ -112,6 +112,12 @@ class Scope:
             traceback.clear_frames(error.__traceback__)
 
 
+class UnwatchedScope(Scope):
+    """A scope opened by a middleware that does not watch responses (see ``Scope._unwatched``)."""
+
+    _unwatched = True
+
+
 def open_scope_key() -> Scope:
     """Return the current scope: the registry key of ``db.session``. Raise if there is none."""
     current = _current_scope.get()
