@@ -20,6 +20,7 @@ from alchemy_scope import (
     AlchemyScopeError,
     AlreadyInstalledError,
     ConcurrentSessionUseError,
+    Database,
     InsightOffError,
     MissingAsyncDriverError,
     NoScopeError,
@@ -206,6 +207,14 @@ def test_async_drivers_pass(url: str) -> None:
     """URLs naming an installed async driver pass the check."""
     _check_async_driver(url)
     _check_async_driver(make_url(url))
+
+
+def test_database_refuses_a_url_without_an_async_driver() -> None:
+    with pytest.raises(MissingAsyncDriverError, match=r"sqlite\+aiosqlite:///"):
+        Database("sqlite:///app.db")
+    with pytest.raises(MissingAsyncDriverError, match="synchronous driver") as caught:
+        Database("mysql+pymysql://app:secret@db/app")
+    assert "secret" not in str(caught.value)
 
 
 # --- every message ends with its documentation link ---------------------------------------

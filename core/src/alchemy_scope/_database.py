@@ -21,7 +21,12 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ._errors import AlchemyScopeError, InsightOffError, UnwatchedDatabaseError
+from ._errors import (
+    AlchemyScopeError,
+    InsightOffError,
+    UnwatchedDatabaseError,
+    _check_async_driver,
+)
 from ._guard import ScopedSession
 from ._insight import EngineWatch, Insight, ScopeFigures
 from ._lifecycle import ScopeBlock, scope
@@ -83,6 +88,8 @@ class Database:
         UnsupportedReplicasError: ``replicas`` were given to a database that is not PostgreSQL.
         TypeError: ``engine_options`` or ``pgbouncer`` were given together with an engine.
         PgBouncerDriverError: ``pgbouncer=True`` with a URL whose driver is not asyncpg.
+        MissingAsyncDriverError: The URL names a synchronous driver (``postgresql://``,
+            ``sqlite://``) or an async one that is not installed.
     """
 
     def __init__(
@@ -111,8 +118,9 @@ class Database:
                 )
             self.engine = url
         else:
-            if pgbouncer:
+            if pgbouncer:  # first: it says why asyncpg is the driver to use
                 engine_options = pgbouncer_engine_options(url, engine_options)
+            _check_async_driver(url)  # "postgresql://" would fail on "No module named 'psycopg'"
             self.engine = create_async_engine(url, **(engine_options or {}))
         _watch_aiosqlite(self.engine)
         options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}
