@@ -367,6 +367,7 @@ def _fresh_venv(session: nox.Session, where: Path, wheels: list[str], *install: 
         "--no-index",
         "--no-deps",
         "--no-build",
+        "--no-cache",  # else uv may reuse a wheel of the same name built by an earlier run
         "--find-links",
         str(DIST),
         *wheels,
