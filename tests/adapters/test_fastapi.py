@@ -478,3 +478,10 @@ async def test_the_readme_app_works_when_copied(
             await assert_no_leaks(readme_app.db)
     finally:
         sys.modules.pop("readme_notes_app", None)
+
+
+def test_not_installed_error_ends_with_its_documentation_link() -> None:
+    """FastAPI's own exception links to its section of the errors page, as the core's do."""
+    message = str(NotInstalledError())
+    assert message.endswith(NotInstalledError.documentation())
+    assert NotInstalledError.documentation().endswith("errors/#notinstallederror")

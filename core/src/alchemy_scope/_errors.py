@@ -19,6 +19,14 @@ def _see(exception: str) -> str:
 class AlchemyScopeError(Exception):
     """Base class of every exception alchemy-scope raises."""
 
+    @classmethod
+    def documentation(cls) -> str:
+        """The link to this exception's section of the documentation's errors page.
+
+        Integrations end the messages of their own exceptions with it, as the core does.
+        """
+        return f"{DOCS_URL}errors/#{cls.__name__.lower()}"
+
 
 class NoScopeError(AlchemyScopeError, LookupError):
     """``db.session`` was used where no scope is open."""

@@ -25,7 +25,8 @@ class NotInstalledError(AlchemyScopeError):
             "alchemy_scope_fastapi.install(app, db), but this app has none: call "
             "`install(app, db)` once, where the app is created. In an app mounted inside "
             "another one, or for another database, declare the dependency explicitly: "
-            "`Annotated[AsyncSession, Depends(session_dependency(db))]`."
+            "`Annotated[AsyncSession, Depends(session_dependency(db))]`. "
+            f"See {self.documentation()}"
         )
 
 
