@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib.metadata
 import importlib.util
 import json
 import socket
@@ -65,12 +64,6 @@ HUGE = "9" * 5000  # int() refuses strings of more than 4300 digits
 # reading when the client goes away (on MariaDB asyncmy reads buffered rows without yielding,
 # so the server there usually finishes the export before it sees the client gone).
 EXPORT_ROWS = 3000
-
-
-def _version(distribution: str) -> tuple[int, ...]:
-    """The installed version of ``distribution`` as numbers (``0.30.0`` -> ``(0, 30, 0)``)."""
-    numbers = importlib.metadata.version(distribution).split(".")
-    return tuple(int(n) for n in numbers if n.isdigit())
 
 
 ABANDONED_EXPORTS = 50 if THOROUGH else 10  # the full 50 on the newest Python
@@ -447,15 +440,6 @@ class TodoContract:
         self, todo_app: ModuleType, caplog: pytest.LogCaptureFixture
     ) -> None:
         """Through a real server, exports cut off mid-stream block no write and leak nothing."""
-        if _version("sqlalchemy") < (2, 0, 37) and backend(todo_app.db) == "postgresql":
-            # The lowest session's SQLAlchemy (2.0.30): an export cancelled by the anyio cancel
-            # scope mid-fetch has its asyncpg connection invalidated, but terminate() awaits
-            # close() unshielded, anyio cancels that await too, and the socket stays open:
-            # the backend stays idle in transaction holding its locks, so the next test's
-            # DROP TABLE waits until its timeout. Not uvicorn (0.31 fails the same way).
-            # https://github.com/sqlalchemy/sqlalchemy/issues/12077, fixed in 2.0.37 (2.0.36
-            # fails, 2.0.37 passes); asyncpg's side: MagicStack/asyncpg#1156.
-            pytest.xfail("SQLAlchemy < 2.0.37 leaks asyncpg connections anyio cancels (#12077)")
         # Half the clients reset the connection, half close the stream with httpx.
         abandon = [export_then_reset, export_then_close] * (ABANDON_BATCH // 2)
         gc.disable()  # the scope's end must free the cursors, not the garbage collector
