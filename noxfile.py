@@ -8,10 +8,8 @@ SQLite always; PostgreSQL and MariaDB when ALCHEMY_SCOPE_TEST_DATABASES lists th
 from __future__ import annotations
 
 import atexit
-import configparser
 import datetime
 import fnmatch
-import io
 import json
 import os
 import re
@@ -25,10 +23,12 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import nox
 from packaging.requirements import Requirement
+
+sys.path.insert(0, str(Path(__file__).parent))  # the repository's tooling/ (stdlib only here)
+from tooling.pgbouncer import PrivatePgBouncer, pgbouncer_binary
 
 nox.options.default_venv_backend = "uv"
 nox.options.download_python = "never"  # only the interpreters installed here, never a download
@@ -600,49 +600,17 @@ PGBOUNCER_TESTS = [
 PGBOUNCER_PAGE = ROOT / "docs" / "pgbouncer.md"  # its pgbouncer.ini is the one the leg runs
 
 
-def _pgbouncer_ini(server: str, listen: int, directory: Path) -> str:
-    """docs/pgbouncer.md's pgbouncer.ini, for a test run in ``directory``.
-
-    Its [pgbouncer] settings (transaction pooling, pool sizes, timeouts) as they are; then a
-    ``*`` wildcard database on ``server``, the port ``listen``, no Unix socket, and trust for
-    the server URL's user, with the log and pid files in ``directory``.
-    """
-    block = re.search(r"^```ini\n(.*?)^```$", PGBOUNCER_PAGE.read_text(), flags=re.M | re.S)
-    if block is None:
-        raise ValueError(f"{PGBOUNCER_PAGE.relative_to(ROOT)} shows no ```ini block")
-    config = configparser.ConfigParser(interpolation=None, delimiters=("=",))
-    config.optionxform = str  # type: ignore[assignment,method-assign]  # keep keys' case
-    config.read_string(block.group(1))
-    url = urlsplit(server)
-    config["databases"] = {"*": f"host={url.hostname} port={url.port or 5432}"}
-    (directory / "userlist.txt").write_text(f'"{url.username or "postgres"}" ""\n')
-    config["pgbouncer"].update(
-        listen_addr="127.0.0.1",
-        listen_port=str(listen),
-        unix_socket_dir="",
-        auth_type="trust",
-        auth_file=str(directory / "userlist.txt"),
-        logfile=str(directory / "pgbouncer.log"),
-        pidfile=str(directory / "pgbouncer.pid"),
-    )
-    if config["pgbouncer"].get("pool_mode") != "transaction":
-        raise ValueError(f"{PGBOUNCER_PAGE.relative_to(ROOT)}: pool_mode is not transaction")
-    text = io.StringIO()
-    config.write(text)
-    return text.getvalue()
-
-
 def _pgbouncer_binary(session: nox.Session) -> str:
     """Debian's pgbouncer: installed with apt-get when missing and root; on CI, required."""
-    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    found = pgbouncer_binary()
     if found is None and hasattr(os, "geteuid") and os.geteuid() == 0:
         install = ["apt-get", "install", "-y", "-q", "pgbouncer"]
         session.run(*install, external=True, success_codes=[0, 100])
-        found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+        found = pgbouncer_binary()
         if found is None:  # package lists missing or stale: update them, then again
             session.run("apt-get", "update", "-q", external=True)
             session.run(*install, external=True)
-            found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+            found = pgbouncer_binary()
     if found is not None:
         return found
     message = "pgbouncer is not installed: apt-get install -y pgbouncer (Debian's package)"
@@ -650,45 +618,6 @@ def _pgbouncer_binary(session: nox.Session) -> str:
         session.error(message)
     session.skip(message)
     raise AssertionError("unreachable: session.skip() raises")
-
-
-def _start_pgbouncer(
-    session: nox.Session, binary: str, server: str, directory: Path
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start PgBouncer (transaction pooling, trust) on a free port in front of ``server``.
-
-    Returns the process and its port; its files (ini, log) are in ``directory``.
-    """
-    listen = _free_port()
-    ini = directory / "pgbouncer.ini"
-    ini.write_text(_pgbouncer_ini(server, listen, directory))
-    # PgBouncer refuses to run as root: then as the postgres user, which owns ``directory``.
-    root = os.geteuid() == 0
-    if root:
-        for path in [directory, *directory.iterdir()]:
-            shutil.chown(path, "postgres", "postgres")
-    process = subprocess.Popen(
-        [binary, str(ini)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        user="postgres" if root else None,
-        group="postgres" if root else None,
-        extra_groups=[] if root else None,
-    )
-    log = directory / "pgbouncer.log"
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", listen), timeout=0.1).close()
-            break
-        except OSError:
-            if process.poll() is not None:
-                session.error(f"pgbouncer exited:\n{log.read_text() if log.exists() else ''}")
-            time.sleep(0.05)
-    else:
-        process.terminate()
-        session.error(f"pgbouncer did not listen on 127.0.0.1:{listen} within 10 s")
-    session.log(f"PgBouncer ({binary}, {PGBOUNCER_PAGE.name}'s settings) on 127.0.0.1:{listen}")
-    return process, listen
 
 
 @nox.session(python="3.13")
@@ -716,8 +645,12 @@ def pgbouncer(session: nox.Session) -> None:
     server = next(
         (url for url in listed if url.startswith("postgresql")), _SERVER_LEGS["postgresql"]
     )
-    directory = Path(tempfile.mkdtemp(prefix="alchemy-scope-pgbouncer-"))
-    process, port = _start_pgbouncer(session, binary, server, directory)
+    bouncer = PrivatePgBouncer(binary, server)  # docs/pgbouncer.md's settings, trust
+    try:
+        port = bouncer.start()
+    except RuntimeError as error:
+        session.error(str(error))
+    session.log(f"PgBouncer ({binary}, {PGBOUNCER_PAGE.name}'s settings) on 127.0.0.1:{port}")
     try:
         env = {
             DATABASES: server,
@@ -727,9 +660,7 @@ def pgbouncer(session: nox.Session) -> None:
         options = [arg for arg in session.posargs if arg.startswith("-")]
         session.run("pytest", *paths, "-k", "pgbouncer", *options, env=env)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        shutil.rmtree(directory, ignore_errors=True)
+        bouncer.remove()
 
 
 MUTMUT = "mutmut==3.8.1"  # pinned: the session reads its stats file and its mutated modules
