@@ -114,7 +114,7 @@ class FaultInjector:
         self.operations = []
         self.armed = case
         self.fired = None
-        self.mismatch: str | None = None
+        self.mismatch = None
 
     def cases(self, *extra_faults: str) -> list[Case]:
         """Every recorded operation with every fault (and ``extra_faults``: ``disconnect``)."""

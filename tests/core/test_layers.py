@@ -27,7 +27,7 @@ LAYERS = [
 
 def imported_modules(path: Path) -> set[str]:
     """The alchemy_scope modules that ``path`` imports, under TYPE_CHECKING too."""
-    imported = set()
+    imported: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             if node.module is None:

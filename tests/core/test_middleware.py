@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..support import (
     run_readme_app,
 )
 
-Message = dict[str, Any]
+Message = MutableMapping[str, Any]
 Handler = Callable[[dict[str, Any]], Awaitable[tuple[int, bytes]]]
 
 
@@ -205,7 +205,7 @@ async def test_a_websocket_connection_is_one_scope(autocommit_db: Database) -> N
     """Every message of one websocket connection sees one session; it is ended at the close."""
     sessions: list[object] = []
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def app(scope: Message, receive: Any, send: Any) -> None:
         assert scope["type"] == "websocket"
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, text
@@ -111,7 +112,7 @@ def run_suite(pytester: pytest.Pytester, url: str, tests: str, *args: str) -> py
 
 
 @pytest.fixture
-def rows_table(leg_url: str) -> str:
+def rows_table(leg_url: str) -> Iterator[str]:
     """Create the plugin suite's table on this leg, empty; drop it afterwards."""
 
     async def create(drop_only: bool) -> None:
