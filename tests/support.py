@@ -133,11 +133,20 @@ def registry(db: Database) -> dict[object, object]:
     return entries
 
 
-def idle_connections(db: Database) -> int:
-    """How many connections the pool of ``db`` holds checked in (idle)."""
+def _queue_pool(db: Database) -> QueuePool:
     pool = db.engine.pool
     assert isinstance(pool, QueuePool), f"{pool!r} keeps no connections"
-    return pool.checkedin()
+    return pool
+
+
+def idle_connections(db: Database) -> int:
+    """How many connections the pool of ``db`` holds checked in (idle)."""
+    return _queue_pool(db).checkedin()
+
+
+def checked_out_connections(db: Database) -> int:
+    """How many connections of the pool of ``db`` are checked out (in use)."""
+    return _queue_pool(db).checkedout()
 
 
 async def leaks(db: Database) -> list[str]:

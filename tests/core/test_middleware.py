@@ -17,7 +17,9 @@ from alchemy_scope import Database, ScopeMiddleware, UnwatchedDatabaseError, cur
 from ..models import Item
 from ..support import (
     add_write_that_fails_at_commit,
+    checked_out_connections,
     count_items,
+    idle_connections,
     item_names,
     leaks,
     registry,
@@ -78,13 +80,13 @@ async def test_a_request_that_never_uses_the_database_opens_nothing(db: Database
     """A route that never touches db.session creates no session and checks out nothing."""
 
     async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
-        assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert checked_out_connections(db) == 0
         return 200, b"pong"
 
     async with client(ScopeMiddleware(asgi_app(handler))) as http:
         assert (await http.get("/ping")).text == "pong"
     assert registry(db) == {}
-    assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert idle_connections(db) == 0
 
 
 async def test_lifespan_passes_through_without_a_scope() -> None:

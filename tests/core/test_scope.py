@@ -21,7 +21,15 @@ from alchemy_scope import (
 
 from ..conftest import MakeDatabase
 from ..models import Item
-from ..support import assert_writable, count_items, item_names, leaks, registry
+from ..support import (
+    assert_writable,
+    checked_out_connections,
+    count_items,
+    idle_connections,
+    item_names,
+    leaks,
+    registry,
+)
 
 
 async def test_scope_is_an_object_with_identity_closed_flag_and_sessions(db: Database) -> None:
@@ -43,7 +51,7 @@ async def test_opening_a_scope_creates_no_session_and_checks_out_nothing(db: Dat
     """Opening a scope is lazy: no session, no registry entry, no connection until first use."""
     async with db.scope() as current:
         assert registry(db) == {}
-        assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert checked_out_connections(db) == 0
         assert current.sessions == ()
     assert registry(db) == {}
 
@@ -52,9 +60,9 @@ async def test_first_use_creates_the_session_and_every_access_returns_it(db: Dat
     """Within one scope, every access to db.session returns the same session object."""
     async with db.scope():
         first = db.session
-        assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert checked_out_connections(db) == 0
         await first.execute(text("SELECT 1"))
-        assert db.engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+        assert checked_out_connections(db) == 1
         assert db.session is first
         assert db.scoped_session() is first
 
@@ -108,8 +116,8 @@ async def test_one_scope_covers_several_databases(make_db: MakeDatabase) -> None
         assert current_scope().sessions == (a, b)
     assert registry(first) == {}
     assert registry(second) == {}
-    assert first.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    assert second.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out_connections(first) == 0
+    assert checked_out_connections(second) == 0
 
 
 async def test_outside_a_scope_session_raises_no_scope_error(db: Database) -> None:
@@ -189,7 +197,7 @@ async def test_a_cancelled_scope_is_rolled_back_and_ended(db: Database) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert registry(db) == {}
-    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out_connections(db) == 0
     assert await count_items(db) == 0
 
 
@@ -202,7 +210,7 @@ async def test_anyio_cancellation_ends_the_scope(db: Database) -> None:
             await anyio.sleep(60)
     assert cancel_scope.cancelled_caught
     assert registry(db) == {}
-    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out_connections(db) == 0
     assert await count_items(db) == 0
 
 
@@ -224,7 +232,7 @@ async def test_ending_survives_repeated_cancellation(autocommit_db: Database) ->
     with pytest.raises(asyncio.CancelledError):
         await task
     assert registry(autocommit_db) == {}
-    assert autocommit_db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out_connections(autocommit_db) == 0
     # The body had succeeded before the cancellation: its commit ran to completion.
     assert await item_names(autocommit_db) == ["committed anyway"]
 
@@ -254,7 +262,7 @@ async def test_ending_a_scope_starts_no_task(db: Database) -> None:
         ends[case], started[:] = started[:], []
     assert ends == {"committed": [], "read, transaction open": []}
     assert registry(db) == {}
-    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out_connections(db) == 0
 
 
 async def test_a_close_that_raises_still_removes_the_session(db: Database) -> None:
@@ -268,7 +276,7 @@ async def test_a_close_that_raises_still_removes_the_session(db: Database) -> No
             await db.session.execute(select(Item))
             event.listen(db.session.sync_session, "after_transaction_end", fail_on_close)
     assert registry(db) == {}
-    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out_connections(db) == 0
 
 
 async def test_a_task_that_outlives_its_scope_gets_scope_closed_error(db: Database) -> None:
@@ -295,7 +303,7 @@ async def test_a_session_kept_after_its_scope_refuses_to_run(db: Database) -> No
     with pytest.raises(ScopeClosedError):
         await kept.execute(text("SELECT 1"))
     await kept.close()  # ending calls stay harmless
-    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out_connections(db) == 0
 
 
 async def test_the_recipe_for_late_work_is_a_scope_of_its_own(db: Database) -> None:
@@ -400,9 +408,9 @@ async def test_dispose_closes_the_pool(db: Database) -> None:
     """dispose() closes every pooled connection of the engine."""
     async with db.scope():
         await db.session.execute(text("SELECT 1"))
-    assert db.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    assert idle_connections(db) == 1
     await db.dispose()
-    assert db.engine.pool.checkedin() == 0  # type: ignore[attr-defined]
+    assert idle_connections(db) == 0
 
 
 async def test_a_failed_commit_never_returns_its_transaction_to_the_pool(db: Database) -> None:

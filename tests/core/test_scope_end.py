@@ -28,6 +28,7 @@ from ..support import (
     assert_no_leaks,
     assert_writable,
     backend,
+    checked_out_connections,
     count_items,
     item_names,
     registry,
@@ -128,7 +129,7 @@ async def test_a_rollback_that_raises_still_returns_the_connection(db: Database)
             await db.session.execute(select(Item))
     assert calls == ["raised"]
     assert registry(db) == {}
-    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert checked_out_connections(db) == 0
     await assert_no_leaks(db)
     await assert_writable(db)
 
