@@ -35,6 +35,7 @@ def asgi_app(handler: Handler) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
+            # An attribute of the function object, which mypy does not track:
             app.lifespan_scopes.append(current_scope_or_none())  # type: ignore[attr-defined]
             while True:
                 message = await receive()
@@ -45,7 +46,7 @@ def asgi_app(handler: Handler) -> Any:
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
-    app.lifespan_scopes = []  # type: ignore[attr-defined]
+    app.lifespan_scopes = []  # type: ignore[attr-defined]  # see above
     return app
 
 
@@ -91,6 +92,7 @@ async def test_a_request_that_never_uses_the_database_opens_nothing(db: Database
 
 async def test_lifespan_passes_through_without_a_scope() -> None:
     """The lifespan protocol reaches the app untouched and outside any scope."""
+    # The lifespan never reaches the handler: a do-nothing stand-in, not a real one.
     app = asgi_app(lambda _s: None)  # type: ignore[arg-type,return-value]
     received: list[Message] = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     sent: list[Message] = []
@@ -286,7 +288,7 @@ def send_recording_app() -> Any:
     """A bare ASGI app that answers 200 and records the ``send`` it was given."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        app.seen_send = send  # type: ignore[attr-defined]
+        app.seen_send = send  # type: ignore[attr-defined]  # a function object's attribute
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 

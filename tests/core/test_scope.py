@@ -394,7 +394,7 @@ async def test_scope_end_waits_for_an_operation_still_running(db: Database) -> N
 def test_database_rejects_an_unknown_commit_policy() -> None:
     """A misspelt commit policy raises ValueError naming the valid ones."""
     with pytest.raises(ValueError, match="commit='manual'"):
-        Database("sqlite+aiosqlite://", commit="always")  # type: ignore[arg-type]
+        Database("sqlite+aiosqlite://", commit="always")  # type: ignore[arg-type]  # the misuse
 
 
 def test_password_never_appears_in_repr() -> None:

@@ -159,6 +159,7 @@ async def test_the_bodys_exception_survives_a_failing_scope_end(
     logged = [record for record in caplog.records if record.exc_info]
     assert len(logged) == 1
     assert repr(current) in logged[0].getMessage()
+    # A record logged with exc_info=True has it; the annotation allows None.
     assert "ROLLBACK failed" in str(logged[0].exc_info[1])  # type: ignore[index]
     await assert_no_leaks(db)
 
