@@ -27,8 +27,9 @@ from alchemy_scope import (
 )
 
 from ..conftest import MakeDatabase
+from ..faults import Case, FaultInjector
 from ..models import Base, Item
-from ..support import add_write_that_fails_at_commit, count_items, item_names
+from ..support import add_write_that_fails_at_commit, count_items, item_names, registry
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -490,3 +491,85 @@ def test_guarded_methods_keep_sqlalchemys_docstrings() -> None:
         method = getattr(ScopedSession, name)
         assert method.__name__ == name
         assert method.__doc__ == getattr(AsyncSession, name).__doc__
+
+
+# -- Cancellation --------------------------------------------------------------------------
+
+
+def count_invalidations(db: Database) -> list[object]:
+    """A list that grows by one each time a connection of ``db``'s pool is invalidated."""
+    invalidated: list[object] = []
+    event.listen(db.engine.sync_engine.pool, "invalidate", lambda *args: invalidated.append(args))
+    return invalidated
+
+
+async def test_a_scope_cancelled_between_operations_discards_its_connection(db: Database) -> None:
+    """A scope cancelled while its transaction is open discards the connection, no ROLLBACK."""
+    invalidated = count_invalidations(db)
+    injector = FaultInjector(db.engine)  # records the DBAPI operations, faults none
+    started = asyncio.Event()
+
+    async def work() -> None:
+        async with db.scope() as scope:
+            db.session.add(Item(name="cancelled"))
+            await db.session.flush()
+            started.set()
+            await asyncio.sleep(10)
+        raise AssertionError(scope)  # pragma: no cover - cancelled above
+
+    try:
+        task = asyncio.ensure_future(work())
+        await started.wait()
+        injector.arm(None)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        injector.remove()
+    assert len(invalidated) == 1
+    assert not [op for op in injector.operations if "rollback" in op], injector.operations
+    assert await count_items(db) == 0
+
+
+async def test_an_operation_cancelled_half_way_gets_its_connection_discarded(
+    db: Database,
+) -> None:
+    """An operation whose task was cancelled mid-statement leaves its connection discarded."""
+    invalidated = count_invalidations(db)
+    injector = FaultInjector(db.engine)
+    try:
+        async with db.scope():
+            await db.session.execute(text("SELECT 1"))
+            injector.arm(Case(0, "execute SELECT", "cancel"))
+            reading = asyncio.ensure_future(db.session.execute(text("SELECT 2")))
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            assert injector.fired is not None, injector.operations
+            injector.arm(None)
+    finally:
+        injector.remove()
+    assert len(invalidated) == 1
+
+
+async def test_an_ending_cut_short_by_a_cancellation_discards_the_connection(
+    autocommit_db: Database,
+) -> None:
+    """A scope whose COMMIT at its end is cancelled has its connection discarded, not reused."""
+    db = autocommit_db
+    invalidated = count_invalidations(db)
+    injector = FaultInjector(db.engine)
+
+    async def work() -> None:
+        async with db.scope():
+            db.session.add(Item(name="cut short"))
+            await db.session.flush()
+            injector.arm(Case(0, "commit", "cancel"))
+
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.ensure_future(work())
+        assert injector.fired is not None, injector.operations
+    finally:
+        injector.remove()
+    assert len(invalidated) == 1
+    assert registry(db) == {}
