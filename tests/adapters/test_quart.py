@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from quart import Quart, Response, abort, redirect, request, websocket
@@ -159,13 +159,6 @@ class QuartScenarios(AdapterScenarios):
     background_in_request_scope = False
     serve = staticmethod(hypercorn_server)
     install_advice = "AlchemyScope(app, db, other_db)"
-    known_defects: ClassVar[dict[str, str]] = {
-        "test_an_exception_the_framework_answers_commits_nothing": (
-            "Quart answers an exception that has an errorhandler without sending "
-            "got_request_exception, so the extension never fails the scope and autocommit "
-            "commits the write (adapters/quart: reported)"
-        ),
-    }
 
     @staticmethod
     def install_twice(db: Database) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quart import Quart, current_app
@@ -88,7 +88,10 @@ class AlchemyScope:
         )
         app.asgi_app = middleware  # type: ignore[assignment,method-assign]
         # Quart turns an exception into its own answer (a 500, an error handler's response, a
-        # websocket closed with code 1000), so the middleware may never see it: these signals do.
+        # websocket closed with code 1000), so the middleware may never see it. An exception
+        # an errorhandler answers passes through handle_user_exception (no signal is sent for
+        # it); one none answers is signalled.
+        app.handle_user_exception = _failing_the_scope(app.handle_user_exception)  # type: ignore[assignment,method-assign]
         got_request_exception.connect(_fail_current_scope, app)
         got_websocket_exception.connect(_fail_current_scope, app)
 
@@ -118,6 +121,16 @@ class AlchemyScope:
                 await current_app.ensure_async(func)(*args, **kwargs)
 
         current_app.add_background_task(run_in_own_scope)
+
+
+def _failing_the_scope(handle: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap Quart's ``handle_user_exception`` to fail the scope before an errorhandler answers."""
+
+    async def handle_user_exception(*args: Any, **kwargs: Any) -> Any:
+        fail_current_scope()
+        return await handle(*args, **kwargs)
+
+    return handle_user_exception
 
 
 async def _fail_current_scope(_app: Quart, **_signal_data: Any) -> None:
