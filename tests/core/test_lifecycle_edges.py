@@ -170,6 +170,7 @@ async def test_a_failed_commit_at_the_last_chunk_fails_the_scope_for_every_datab
 ) -> None:
     """A COMMIT failing at the last body chunk marks the scope failed: no other database commits."""
     failing = autocommit_db
+    invalidated = count_invalidations(failing)
     other = Database(f"sqlite+aiosqlite:///{tmp_path / 'other.db'}", commit="autocommit")
     async with other.engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
@@ -190,6 +191,7 @@ async def test_a_failed_commit_at_the_last_chunk_fails_the_scope_for_every_datab
     try:
         await serve(ScopeMiddleware(app, databases=[failing, other]))
         assert len(failures) == 1
+        assert len(invalidated) == 1  # the failed COMMIT's connection is never reused
         assert await count_items(other) == 0
     finally:
         await other.dispose()
@@ -573,3 +575,99 @@ async def test_an_ending_cut_short_by_a_cancellation_discards_the_connection(
         injector.remove()
     assert len(invalidated) == 1
     assert registry(db) == {}
+
+
+# -- Small predicates and the shared connection ---------------------------------------------
+
+
+def refuse_commit(session: AsyncSession) -> None:
+    """Make the session's next COMMIT fail, the way a constraint checked at COMMIT would."""
+
+    def refuse(_session: object) -> None:
+        raise IntegrityError("COMMIT", {}, Exception("constraint violated at COMMIT"))
+
+    event.listen(session.sync_session, "before_commit", refuse, once=True)
+
+
+async def test_a_failed_commit_never_invalidates_a_shared_connection(db: Database) -> None:
+    """Inside bound_to(), a COMMIT that fails leaves the shared connection valid."""
+    async with db.engine.connect() as connection:
+        transaction = await connection.begin()
+        with db.bound_to(connection):
+            async with db.scope():
+                db.session.add(Item(name="refused"))
+                refuse_commit(db.session)
+                with pytest.raises(IntegrityError):
+                    await db.session.commit()
+        assert not connection.invalidated
+        await transaction.rollback()
+
+
+async def test_a_session_removed_from_the_registry_by_hand_still_ends(db: Database) -> None:
+    """A scope whose session the app removed (scoped_session.remove()) ends without error."""
+    async with db.scope():
+        await db.session.execute(text("SELECT 1"))
+        await db.scoped_session.remove()
+    assert registry(db) == {}
+
+
+async def test_a_scope_ends_after_another_tasks_operation_returns(db: Database) -> None:
+    """A scope ending while another task's operation runs waits for it before closing."""
+    async with db.scope():
+        pending = asyncio.ensure_future(db.session.scalar(text("SELECT 7")))
+        await asyncio.sleep(0)  # the read is in flight
+    assert pending.done()
+    assert pending.result() == 7
+
+
+@pytest.mark.parametrize("streams", ["read to the end", "left open", "first left open"])
+async def test_a_stream_still_being_read_defers_the_commit(
+    autocommit_db: Database, streams: str
+) -> None:
+    """Under autocommit a stream read to its end lets the start commit; an open one defers it."""
+    db = autocommit_db
+    committed_at: list[int] = []
+
+    async def app(_scope: object, _receive: object, send: Send) -> None:
+        db.session.add(Item(name="streamed"))
+        await db.session.flush()
+        streamed = await db.session.stream_scalars(select(Item.name))
+        if streams == "first left open":
+            streamed = await db.session.stream_scalars(select(Item.name))
+        if streams != "left open":
+            assert await streamed.all() == ["streamed"]
+        await send(START)
+        await send({"type": "http.response.body", "body": b""})
+
+    async def on_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            committed_at.append(await count_items(db))
+
+    await serve(ScopeMiddleware(app, databases=[db]), on_send=on_send)
+    assert committed_at == [1 if streams == "read to the end" else 0]
+    assert await count_items(db) == 1
+
+
+async def test_a_commit_that_waited_for_a_stream_to_open_is_deferred(
+    autocommit_db: Database,
+) -> None:
+    """The policy's commit, having waited for another task's stream() call, leaves it open."""
+    db = autocommit_db
+    committed_at: list[int] = []
+
+    async def app(_scope: object, _receive: object, send: Send) -> None:
+        db.session.add(Item(name="streamed meanwhile"))
+        await db.session.flush()
+        opening = asyncio.ensure_future(db.session.stream_scalars(select(Item.name)))
+        await asyncio.sleep(0)  # the stream() call is in flight when the commit comes
+        await send(START)
+        assert await (await opening).all() == ["streamed meanwhile"]
+        await send({"type": "http.response.body", "body": b""})
+
+    async def on_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            committed_at.append(await count_items(db))
+
+    await serve(ScopeMiddleware(app, databases=[db]), on_send=on_send)
+    assert committed_at == [0]
+    assert await count_items(db) == 1
