@@ -11,6 +11,7 @@ PACKAGE = Path(alchemy_scope.__file__).parent
 # Bottom to top; ARCHITECTURE.md draws the same picture.
 LAYERS = [
     "_errors",
+    "_aiosqlite",
     "_scope",
     "_insight",
     "_shared",
