@@ -578,9 +578,12 @@ def browser(session: nox.Session) -> None:
 def reliability(session: nox.Session) -> None:
     """Every example through a real server against a private PostgreSQL: load, faults, leaks.
 
-    About 4 minutes; `nox -s reliability -- --quick` is a smoke run and `-- starlette` picks
+    About 5 minutes; `nox -s reliability -- --quick` is a smoke run and `-- starlette` picks
     examples. Needs PostgreSQL's initdb and pg_ctl: it starts (and restarts, and removes) its
-    own instance on a free port, never the shared one. Writes reliability/results.md.
+    own instance on a free port, never the shared one. Writes reliability/results.md. Its
+    multi-worker run (FastAPI under `uvicorn --workers 4`, through PgBouncer, with a streaming
+    standby; `-- --check workers` runs it alone) needs Debian's pgbouncer: installed here with
+    apt-get when missing and root, as for `nox -s pgbouncer`.
     """
     directories = ["core", *(f"adapters/{name}" for name in ADAPTERS)]
     examples = sorted(ROOT.glob("examples/*/requirements.txt"))
@@ -590,6 +593,8 @@ def reliability(session: nox.Session) -> None:
         "-r",
         "reliability/requirements.txt",
     )
+    if pgbouncer_binary() is None and os.geteuid() == 0:  # the multi-worker run needs it
+        _pgbouncer_binary(session)
     session.run("python", "-m", "reliability", *session.posargs)
 
 

@@ -27,6 +27,9 @@ from .checks import CHECKS, Result, memory, secrets
 from .client import Tally
 from .serve import examples, server_for
 from .target import QUICK, Settings, Target
+from .workers import FRAMEWORK as WORKERS_FRAMEWORK
+from .workers import HEADERS as WORKERS_HEADERS
+from .workers import REPLICATION_HBA, WorkersRun, many_workers
 
 HERE = Path(__file__).resolve().parent
 LOGS = HERE / "logs"  # the servers' logs of the last run (git-ignored)
@@ -114,6 +117,15 @@ async def run_framework(
     return report
 
 
+WORKERS_SECTION = "## Many workers"
+
+
+def workers_section(run: WorkersRun) -> list[str]:
+    """The multi-worker run's table and account (results.md's "Many workers" section)."""
+    lines = [WORKERS_SECTION, "", *table(WORKERS_HEADERS, [run.row]), "", run.detail]
+    return lines + [f"- {example}" for example in run.failures.examples]
+
+
 def tables(reports: list[FrameworkReport]) -> list[str]:
     """One row per framework, then every check by framework (pass or FAIL), then details.
 
@@ -144,7 +156,7 @@ def tables(reports: list[FrameworkReport]) -> list[str]:
     return lines
 
 
-async def main(argv: list[str]) -> int:
+async def main(argv: list[str]) -> int:  # noqa: PLR0915 - the run, in order
     """Run everything; return the exit code."""
     parser = argparse.ArgumentParser(prog="python -m reliability", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smaller run, for development")
@@ -159,8 +171,14 @@ async def main(argv: list[str]) -> int:
     if unknown:
         parser.error(f"no example for {unknown}: choose from {available}")
     settings = QUICK if args.quick else Settings()
+    # `--check workers` (alone: the multi-worker run only; with other checks: beside them);
+    # without --check, everything, the multi-worker run last if its example is chosen.
+    checks = [name for name in args.check if name != "workers"]
+    with_workers = WORKERS_FRAMEWORK in chosen and (not args.check or "workers" in args.check)
+    frameworks = chosen if not args.check or checks else []
     started = time.perf_counter()
-    postgres = PrivatePostgres(prefix="alchemy-scope-reliability-")
+    postgres = PrivatePostgres(hba=REPLICATION_HBA, prefix="alchemy-scope-reliability-")
+    workers: WorkersRun | None = None
     try:
         postgres.create()
         await postgres.create_app_role()
@@ -168,33 +186,55 @@ async def main(argv: list[str]) -> int:
         say(f"PostgreSQL {pg_version} on 127.0.0.1:{postgres.port} (private, {postgres.root})")
         LOGS.mkdir(exist_ok=True)
         reports = [
-            await run_framework(postgres, framework, settings, args.check) for framework in chosen
+            await run_framework(postgres, framework, settings, checks) for framework in frameworks
         ]
+        if with_workers:
+            say(f"\n== {WORKERS_FRAMEWORK}: uvicorn --workers, PgBouncer, a standby ==")
+            began = time.perf_counter()
+            workers = await many_workers(postgres, LOGS, quick=args.quick)
+            mark = "pass" if not workers.failures else f"FAIL ({workers.failures.count})"
+            say(f"  {'many workers':<22} {mark:<10} {time.perf_counter() - began:5.1f} s")
+            for example in workers.failures.examples:
+                say(f"      {example}")
     finally:
         postgres.remove()
     elapsed = time.perf_counter() - started
     command = "nox -s reliability" + (" -- --quick" if args.quick else "")
-    text = [
+    if not frameworks:
+        command += (" -- " if not args.quick else " ") + "--check workers"
+    header = (
         f"Produced by `{command}` in {elapsed:.0f} s on {os.cpu_count()} CPUs at "
         f"{revision('core', 'adapters', 'examples')}, "
         f"Python {platform.python_version()}, PostgreSQL {pg_version}; "
         + ", ".join(f"{name} {version}" for name, version in versions(VERSIONS).items())
-        + ".",
-        "",
-        *tables(reports),
-    ]
+        + "."
+    )
+    extra = [] if workers is None else ["", *workers_section(workers)]
+    text = [header, "", *tables(reports), *extra] if frameworks else [header, *extra]
     say()
     for line in text:
         say(line)
     output = HERE / ("results-quick.md" if args.quick else "results.md")
-    output.write_text("# Reliability results\n\n" + "\n".join(text) + "\n")
+    if frameworks:
+        output.write_text("# Reliability results\n\n" + "\n".join(text) + "\n")
+    elif workers is not None:  # the multi-worker run alone: its section of the file only
+        replace_section(output, [f"_{header}_", "", *workers_section(workers)[2:]])
     leaked = any(postgres.password in line for line in printed)
     if leaked:
         say("FAIL: the database password appears in this run's own output")
-    results = [result for report in reports for result in report.results]
-    passed = sum(result.passed for result in results)
-    say(f"reliability: {passed} passed, {len(results) - passed} failed")
-    return 1 if leaked or passed < len(results) else 0
+    outcomes = [result.passed for report in reports for result in report.results]
+    if workers is not None:
+        outcomes.append(not workers.failures)
+    passed = sum(outcomes)
+    say(f"reliability: {passed} passed, {len(outcomes) - passed} failed")
+    return 1 if leaked or passed < len(outcomes) else 0
+
+
+def replace_section(path: Path, body: list[str]) -> None:
+    """Put ``body`` under results.md's "Many workers" heading, its last section."""
+    text = path.read_text() if path.exists() else "# Reliability results\n"
+    before = text.partition(WORKERS_SECTION + "\n")[0].rstrip("\n")
+    path.write_text(before + "\n\n" + "\n".join([WORKERS_SECTION, "", *body]) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ inside the scope alchemy-scope gives every request, with the example's ``db.sess
 - ``tenant?tenant=t07``: load the tenant's rows, sleep, load them again, and answer the
   tenants of every object in the session's identity map.
 - ``slow?seconds=5``: hold a pooled connection for that long (``pg_sleep``).
+- ``where``: run ``SELECT pg_is_in_recovery()`` through ``db.session``, as a read of the
+  example's would: true when the read ran on a replica; with the worker's pid.
+
+``python -m reliability.serve --create <framework>`` creates the example's tables (its
+lifespan) and the harness's, then exits: for ``uvicorn --workers``, whose workers would race
+to create them. Such workers import :mod:`reliability.workers_app`, the same app and wrapper.
 
 ``python -m reliability.serve --soak <framework> <requests> <warm-up>`` imports the example
 the same way, runs its lifespan, then calls the ASGI app directly (no TCP, to be fast), 20 at
@@ -136,7 +142,7 @@ class Handlers:
 
     async def __call__(self, name: str, arguments: dict[str, str]) -> tuple[int, Any]:
         """Run the handler ``name`` with the query's arguments."""
-        if name not in ("deferred", "tenant", "slow"):
+        if name not in ("deferred", "tenant", "slow", "where"):
             return 404, {"detail": f"no harness handler {name!r}"}
         return await getattr(self, name)(**arguments)  # type: ignore[no-any-return]
 
@@ -155,6 +161,11 @@ class Handlers:
         second = list(await session.scalars(query))
         seen = sorted({obj.tenant for obj in session.identity_map.values()})  # type: ignore[attr-defined]
         return 200, {"seen": seen, "rows": len(first), "again": len(second)}
+
+    async def where(self) -> tuple[int, Any]:
+        """Where this request's reads run: a replica (in recovery) or the primary; our pid."""
+        replica = await self.db.session.scalar(text("SELECT pg_is_in_recovery()"))
+        return 200, {"replica": bool(replica), "pid": os.getpid()}
 
     async def slow(self, seconds: str = "5") -> tuple[int, Any]:
         """Hold a pooled connection for ``seconds``."""
@@ -247,9 +258,12 @@ class Harness:
         engine = self.db.engine
         pool: Any = engine.pool
         reprs = [repr(self.db), repr(engine), repr(engine.url), str(engine.url), repr(pool)]
+        replicas = self.db.replicas.replicas if self.db.replicas is not None else ()
         return {
             "registry": registry_size(self.db),
             "checkedout": pool.checkedout(),
+            "replica_checkedout": sum(r.engine.pool.checkedout() for r in replicas),  # type: ignore[attr-defined]
+            "pid": os.getpid(),
             "reprs": [*reprs, pool.status()],
         }
 
@@ -323,8 +337,17 @@ async def memory_soak(framework: str, total: int, warmup: int) -> dict[str, Any]
     }
 
 
+async def create(framework: str) -> None:
+    """Create the example's tables (its lifespan's startup) and the harness's."""
+    module = load_example(framework)
+    async with lifespan(module.app):
+        await create_tables(module.db)
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--soak":
+    if sys.argv[1] == "--create":
+        asyncio.run(create(sys.argv[2]))
+    elif sys.argv[1] == "--soak":
         result = asyncio.run(memory_soak(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
         print(json.dumps(result), flush=True)
     else:
