@@ -24,6 +24,8 @@ from alchemy_scope import (
     ScopedSession,
     ScopeMiddleware,
     current_scope,
+    dispose_all,
+    fail_current_scope,
 )
 
 from ..conftest import MakeDatabase
@@ -671,3 +673,31 @@ async def test_a_commit_that_waited_for_a_stream_to_open_is_deferred(
     await serve(ScopeMiddleware(app, databases=[db]), on_send=on_send)
     assert committed_at == [0]
     assert await count_items(db) == 1
+
+
+# -- What only the adapters called ---------------------------------------------------------
+
+
+async def test_fail_current_scope_stops_the_policy_from_committing(
+    autocommit_db: Database,
+) -> None:
+    """fail_current_scope() marks the open scope failed: autocommit commits nothing of it."""
+    db = autocommit_db
+    fail_current_scope()  # no scope open: nothing to do
+    async with db.scope() as scope:
+        db.session.add(Item(name="answered error"))
+        await db.session.flush()
+        fail_current_scope()
+        assert scope.failed
+    assert await count_items(db) == 0
+
+
+async def test_dispose_all_disposes_every_database(make_db: MakeDatabase) -> None:
+    """dispose_all() closes the pooled connections of each database it is given."""
+    first, second = make_db(), make_db()
+    for database in (first, second):
+        async with database.scope():
+            await database.session.execute(text("SELECT 1"))
+        assert database.engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+    await dispose_all([first, second])
+    assert [d.engine.pool.checkedin() for d in (first, second)] == [0, 0]  # type: ignore[attr-defined]
