@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, select, text
+from sqlalchemy import bindparam, event, insert, select, text
 from sqlalchemy.exc import IntegrityError, ResourceClosedError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,7 +31,7 @@ from alchemy_scope import (
 from ..conftest import MakeDatabase
 from ..faults import Case, FaultInjector
 from ..models import Base, Item
-from ..support import add_write_that_fails_at_commit, count_items, item_names, registry
+from ..support import add_write_that_fails_at_commit, backend, count_items, item_names, registry
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
@@ -468,12 +468,15 @@ async def test_a_stream_scalars_result_left_open_is_closed_at_scope_end(db: Data
 
 async def test_guarded_methods_pass_keyword_arguments_on(db: Database) -> None:
     """execute(), scalar() and stream_scalars() of db.session get their keyword arguments."""
-    query = text("SELECT :x")
+    async with db.engine.begin() as conn:
+        await conn.execute(insert(Item).values(name="by keyword"))
+    query = select(Item.name).where(Item.name == bindparam("name"))
+    params = {"name": "by keyword"}
     async with db.scope():
-        assert (await db.session.execute(query, params={"x": 5})).scalar() == 5
-        assert await db.session.scalar(query, params={"x": 6}) == 6
-        streamed = await db.session.stream_scalars(query, params={"x": 7})
-        assert await streamed.all() == [7]
+        assert (await db.session.execute(query, params=params)).scalar() == "by keyword"
+        assert await db.session.scalar(query, params=params) == "by keyword"
+        streamed = await db.session.stream_scalars(query, params=params)
+        assert await streamed.all() == ["by keyword"]
 
 
 async def test_a_synchronous_method_names_itself_in_the_error(db: Database) -> None:
@@ -628,6 +631,8 @@ async def test_a_stream_still_being_read_defers_the_commit(
 ) -> None:
     """Under autocommit a stream read to its end lets the start commit; an open one defers it."""
     db = autocommit_db
+    if streams == "first left open" and backend(db) == "mysql":
+        pytest.skip("MariaDB's drivers read one unbuffered stream at a time per connection")
     committed_at: list[int] = []
 
     async def app(_scope: object, _receive: object, send: Send) -> None:
