@@ -8,7 +8,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-import psutil
+import psutil  # type: ignore[import-untyped,unused-ignore]  # no stubs where mypy runs
 
 
 def rss_bytes() -> int:
