@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,9 +329,11 @@ def _every_worker(run: WorkersRun, since: float, replica: bool) -> float | None:
     """
     first: dict[int, float] = {}
     for sample in run.samples:
-        where = sample.kind == "where" and sample.pid is not None and sample.started > since
-        if where and sample.replica == replica and sample.pid not in first:
-            first[sample.pid] = sample.ended
+        pid = sample.pid
+        if pid is None or sample.kind != "where" or sample.started <= since:
+            continue
+        if sample.replica == replica and pid not in first:
+            first[pid] = sample.ended
     return max(first.values()) - since if len(first) >= WORKERS else None
 
 
@@ -433,9 +436,11 @@ def _describe(run: WorkersRun, loaded: float) -> None:
     """The one-line account and the table's row."""
     answered = [s for s in run.samples if not s.failed]
     reads = [s for s in run.samples if s.kind == "where" and s.outcome == "200"]
-    phases = {"before the stop": lambda s: s.ended < run.stopped,
-              "while stopped": lambda s: run.stopped <= s.ended <= run.restarted,
-              "after the restart": lambda s: s.ended > run.restarted}  # fmt: skip
+    phases: dict[str, Callable[[Sample], bool]] = {
+        "before the stop": lambda s: s.ended < run.stopped,
+        "while stopped": lambda s: run.stopped <= s.ended <= run.restarted,
+        "after the restart": lambda s: s.ended > run.restarted,
+    }
     on_replica = "; ".join(
         f"{name} {sum(bool(s.replica) for s in reads if of(s)):,} of {sum(map(of, reads)):,}"
         for name, of in phases.items()
