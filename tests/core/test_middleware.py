@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 
 from alchemy_scope import Database, ScopeMiddleware, UnwatchedDatabaseError, current_scope
 
@@ -189,6 +190,27 @@ async def test_a_commit_that_fails_turns_the_response_into_a_500(
     assert "INSERT" not in response.text
     assert await count_items(autocommit_db) == 0
     assert "Commit failed before the response started" in caplog.text
+
+
+async def test_a_commit_the_database_cannot_serve_turns_the_response_into_a_503(
+    autocommit_db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A COMMIT failing because the database is unavailable gives a retryable 503, not a 2xx."""
+
+    def connection_lost(_connection: object) -> None:
+        raise OperationalError("COMMIT", {}, ConnectionResetError("server closed the connection"))
+
+    async def handler(_scope: dict[str, Any]) -> tuple[int, bytes]:
+        autocommit_db.session.add(Item(name="unserved"))
+        await autocommit_db.session.flush()
+        return 201, b"created"
+
+    event.listen(autocommit_db.engine.sync_engine, "commit", connection_lost, once=True)
+    async with client(ScopeMiddleware(asgi_app(handler))) as http:
+        response = await http.post("/")
+    assert (response.status_code, response.text) == (503, "Service Unavailable")
+    assert await count_items(autocommit_db) == 0
+    assert await leaks(autocommit_db) == []
 
 
 async def test_an_exception_in_the_app_rolls_back_and_propagates(autocommit_db: Database) -> None:

@@ -45,6 +45,7 @@ from typing import Any, cast
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin
 
+from ._errors import is_database_unavailable
 from ._guard import ScopedSession, SessionGuard, commit_or_discard
 from ._scope import Scope, SessionOwner, _current_scope
 
@@ -161,12 +162,17 @@ async def before_send(scope: Scope, message: Message, send: Send) -> bool:
     if kind == "http.response.start":
         try:
             await _commit_due(scope)
-        except Exception:
-            logger.exception("Commit failed before the response started; sending a 500 instead")
+        except Exception as exc:
+            # The database gone or out of connections is worth a retry (503); anything else
+            # is a 500. Either way the app's response, which announced success, is dropped.
+            start, end = _UNAVAILABLE if is_database_unavailable(exc) else _FAILED
+            logger.exception(
+                "Commit failed before the response started; sending a %s instead", start["status"]
+            )
             scope.failed = True
             scope._replaced_response = True
-            await send(_ERROR_START)
-            await send(_ERROR_END)
+            await send(start)
+            await send(end)
             return False
     elif (
         kind == "http.response.body" and not message.get("more_body", False)
@@ -177,16 +183,21 @@ async def before_send(scope: Scope, message: Message, send: Send) -> bool:
     return True
 
 
-_ERROR_BODY = b"Internal Server Error"
-_ERROR_START: Message = {
-    "type": "http.response.start",
-    "status": 500,
-    "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(_ERROR_BODY)).encode()),
-    ],
-}
-_ERROR_END: Message = {"type": "http.response.body", "body": _ERROR_BODY, "more_body": False}
+def _plain_response(status: int, body: bytes) -> tuple[Message, Message]:
+    """The two messages of a plain-text response: what replaces one whose commit failed."""
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    return start, {"type": "http.response.body", "body": body, "more_body": False}
+
+
+_FAILED = _plain_response(500, b"Internal Server Error")
+_UNAVAILABLE = _plain_response(503, b"Service Unavailable")
 
 
 async def _commit_due(scope: Scope) -> None:
