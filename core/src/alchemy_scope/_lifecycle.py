@@ -22,9 +22,9 @@ for ``async with db.scope()``. What happens to each session opened in the scope,
 2. 3xx counts as success unless ``commit_on_redirect=False``.
 3. Integrations call ``fail_current_scope()`` wherever the framework turns an exception
    into a response itself.
-4. Nothing more is committed in the scope. At response start a plain 500 replaces the app's
-   response; at the last body chunk the response is aborted, so the client never sees it
-   complete.
+4. Nothing more is committed in the scope. At response start a plain 500 (503 when the
+   database is unavailable) replaces the app's response; at the last body chunk the
+   response is aborted, so the client never sees it complete.
 5. Never committed or rolled back from under the block. A block still open when the scope
    ends is rolled back, and a warning names the scope.
 

@@ -23,7 +23,8 @@ class ScopeMiddleware:
     app raised or was cancelled. ``lifespan`` passes through untouched.
 
     With an ``autocommit`` database, the commit happens before ``http.response.start`` is
-    forwarded; if it fails, the client gets a plain 500 instead of the app's response.
+    forwarded; if it fails, the client gets a plain 500 instead of the app's response (a 503
+    when the database is unavailable: connection lost, no pooled connection).
 
     Args:
         app: The ASGI app to wrap.
