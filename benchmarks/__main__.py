@@ -1,7 +1,8 @@
 """`nox -s bench`: every phase of the benchmark, then results.json, results.md and bench.png.
 
 Phases, one at a time: our own cost alone (micro), the in-process driver (a process per
-framework), the real servers, memory. Each records how many cores were busy outside the run.
+framework), the real servers, database insight's cost per statement, memory. Each records how
+many cores were busy outside the run.
 """
 
 import argparse
@@ -37,6 +38,7 @@ FULL: dict[str, Any] = {
     "server_seconds": 1,
     "server_rounds": [15, 20],
     "memory_requests": 100_000,
+    "insight_rounds": 31,  # paired rounds of the insight phase (insight_cost.py)
 }
 QUICK: dict[str, Any] = {  # every framework and variant, a few cells, short samples
     **FULL,
@@ -55,6 +57,7 @@ QUICK: dict[str, Any] = {  # every framework and variant, a few cells, short sam
     "server_cells": [("insert", "postgresql-pool8", 32)],
     "server_frameworks": ["starlette", "quart"],  # uvicorn and hypercorn
     "memory_requests": 5_000,
+    "insight_rounds": 3,
 }
 # Issue 13's goal, and nothing else: /ping, then the read and the insert on SQLite and
 # PostgreSQL at concurrency 1 and 32, and the insert on the pool of 8 at concurrency 32; every
@@ -176,6 +179,9 @@ def main() -> None:
                 )[0])  # fmt: skip
             served, generator = phase(log, "server", lambda: server.measure(serving, settings))
             records += served
+            insight = phase(log, "insight", lambda: results_of(
+                child(scratch, "benchmarks.insight_cost", str(settings["insight_rounds"]))
+            )[0])  # fmt: skip
             memory = phase(log, "memory", lambda: results_of(*(  # side by side
                 child(scratch, "benchmarks.memory", "starlette", variant, sqlite,
                       str(settings["memory_requests"]))
@@ -200,6 +206,7 @@ def main() -> None:
         },
         "phases": log,
         "micro": micro,
+        "insight": insight,
         "memory": memory,
         "records": summary,
     }

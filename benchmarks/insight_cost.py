@@ -10,16 +10,19 @@ Two figures:
   SQLAlchemy's event path costs any instrumentation), and off against off (the noise).
 
 With insight off no listener is registered (``tests/core/test_insight.py`` asserts it), so
-its cost there is zero by construction. Run: ``python benchmarks/insight_cost.py [rounds]``.
+its cost there is zero by construction. Run: ``python benchmarks/insight_cost.py [rounds]``;
+``nox -s bench`` runs it as its ``insight`` phase.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
@@ -79,7 +82,8 @@ async def paired(first: Database, second: Database, rounds: int) -> list[tuple[f
     return pairs
 
 
-async def main(rounds: int) -> None:
+async def measure(rounds: int) -> dict[str, float]:
+    """The figures, in microseconds per statement (CPU time)."""
     off = Database("sqlite+aiosqlite://")
     on = Database("sqlite+aiosqlite://", insight=True)
     also_off = Database("sqlite+aiosqlite://")  # the noise floor: off against off
@@ -94,18 +98,38 @@ async def main(rounds: int) -> None:
     finally:
         for db in (off, on, also_off, empty):
             await db.dispose()
-    print(f"insight's listeners: {own * 1e6:.2f} us/statement (best of 5 x {CALLS} calls)")
-    print(f"statement, insight off: {statistics.median(p[0] for p in pairs) * 1e6:.1f} us CPU")
-    print(f"statement, insight on:  {statistics.median(p[1] for p in pairs) * 1e6:.1f} us CPU")
-    for name, measured in (
-        ("on - off", pairs),
-        ("two empty listeners - off", listening),
-        ("off - off (noise)", control),
+
+    def difference(measured: list[tuple[float, float]]) -> float:
+        return statistics.median(b - a for a, b in measured) * 1e6
+
+    return {
+        "rounds": rounds,
+        "listeners_own_us": own * 1e6,
+        "statement_off_us": statistics.median(p[0] for p in pairs) * 1e6,
+        "statement_on_us": statistics.median(p[1] for p in pairs) * 1e6,
+        "on_minus_off_us": difference(pairs),
+        "empty_listeners_minus_off_us": difference(listening),
+        "off_minus_off_us": difference(control),
+    }
+
+
+def main(rounds: int) -> None:
+    """Print the figures."""
+    figures = asyncio.run(measure(rounds))
+    print(f"insight's listeners: {figures['listeners_own_us']:.2f} us/statement")
+    print(f"statement, insight off: {figures['statement_off_us']:.1f} us CPU")
+    print(f"statement, insight on:  {figures['statement_on_us']:.1f} us CPU")
+    for name, key in (
+        ("on - off", "on_minus_off_us"),
+        ("two empty listeners - off", "empty_listeners_minus_off_us"),
+        ("off - off (noise)", "off_minus_off_us"),
     ):
-        difference = statistics.median(b - a for a, b in measured) * 1e6
-        print(f"{name}: {difference:+.1f} us/statement (median of {rounds} paired rounds)")
+        print(f"{name}: {figures[key]:+.1f} us/statement (median of {rounds} paired rounds)")
 
 
 if __name__ == "__main__":
     logging.getLogger("alchemy_scope.insight").disabled = True  # repeats: the N+1 warning
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 31))
+    if len(sys.argv) > 2 and sys.argv[1].endswith(".json"):  # a phase of `nox -s bench`
+        Path(sys.argv[1]).write_text(json.dumps(asyncio.run(measure(int(sys.argv[2])))))
+    else:
+        main(int(sys.argv[1]) if len(sys.argv) > 1 else 31)

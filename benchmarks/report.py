@@ -101,6 +101,34 @@ def _memory_rows(memory: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _insight_lines(insight: dict[str, Any] | None) -> list[str]:
+    """The insight section: its cost per statement, on and off (in-memory SQLite)."""
+    if insight is None:
+        return []
+    return [
+        "## Database insight: cost per statement (in-memory SQLite, CPU time)",
+        "",
+        f"Median of {insight['rounds']} paired rounds. Off registers no listener: no cost.",
+        "",
+        *table(
+            ["measured", "µs per statement"],
+            [
+                ["statement, insight off", f"{insight['statement_off_us']:.1f}"],
+                ["statement, insight on", f"{insight['statement_on_us']:.1f}"],
+                ["on minus off", f"{insight['on_minus_off_us']:+.1f}"],
+                [
+                    "two empty listeners minus off (SQLAlchemy's event path)",
+                    f"{insight['empty_listeners_minus_off_us']:+.1f}",
+                ],
+                ["off minus off (the noise)", f"{insight['off_minus_off_us']:+.1f}"],
+                ["insight's own listeners", f"{insight['listeners_own_us']:.2f}"],
+            ],
+            1,
+        ),
+        "",
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """results.md: how the run went, the ratio tables, our own cost alone, memory."""
     env, micro = results["environment"], results["micro"]
@@ -137,6 +165,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *table(MICRO_HEADER, _micro_rows(micro), 4),
         "",
+        *_insight_lines(results.get("insight")),
         "## Memory (Starlette, SQLite, in-process, concurrency 1)",
         "",
         "Requests cycle through 8 `GET /ping`, 1 read, 1 insert; RSS (MiB) at each tenth of the "
