@@ -277,11 +277,18 @@ def _still_active(session: AsyncSession) -> bool:
 async def _end(scope: Scope) -> None:
     """End the sessions of a closed scope, finishing even if the caller is cancelled.
 
-    The sessions end in the caller's task: on the common path there is no task to create. A
-    cancellation that strikes half-way (a disconnect, a timeout) may strike every await after
-    it too (anyio's cancel scopes do), so what it left, the session it cut short included, is
-    ended in a task of its own that no cancellation reaches; then the cancellation goes on.
+    The sessions end in the caller's task: on the common path there is no task to create.
+    Work that was cancelled ends in a task of its own that no cancellation reaches. So does
+    what a cancellation striking half-way through the ending left (a disconnect, a timeout;
+    it may strike every await after it too, as anyio's cancel scopes do), the session it cut
+    short included; then the cancellation goes on.
     """
+    if scope.cancelled:
+        # The work was cancelled: under anyio the cancellation strikes every await of this
+        # task, so a connection's graceful close would be cut short too (some drivers then
+        # leave their socket to the garbage collector). End in a task of its own from the start.
+        await _run_to_completion(scope, _end_sessions)
+        return
     try:
         await _end_sessions(scope)
     except asyncio.CancelledError:
