@@ -10,9 +10,11 @@ except on CI (``CI`` set), where they fail.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import glob
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,9 +172,13 @@ def replica_cluster() -> Iterator[ReplicaCluster]:
         if os.environ.get("CI"):
             pytest.fail(reason + " (on CI they must be installed: .ci/run installs them)")
         pytest.skip(reason)
-    cluster = ReplicaCluster()
-    try:
-        cluster.create()
-        yield cluster
-    finally:
-        cluster.remove()
+    # One test run's private cluster at a time on this machine (CI runs two test sessions side
+    # by side): the second waits for the first's to be removed.
+    with open(Path(tempfile.gettempdir()) / "alchemy-scope-replica-cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cluster = ReplicaCluster()
+        try:
+            cluster.create()
+            yield cluster
+        finally:
+            cluster.remove()

@@ -23,7 +23,6 @@ without waiting for the next check. The check's answer is cached: no request wai
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import itertools
@@ -498,8 +497,11 @@ class ReplicaSet:
         watcher, self._watcher = self._watcher, None
         if watcher is not None and not watcher.done():
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            # A probe cancelled in the middle of connecting can take long to unwind (asyncpg
+            # under load): wait no longer than a check may last, then let it finish alone.
+            await asyncio.wait({watcher}, timeout=self.settings.check_timeout)
+            if watcher.done() and not watcher.cancelled():
+                watcher.exception()  # retrieved: a failed check is no news at shutdown
         for replica in self.replicas:
             await replica.engine.dispose()
             replica.usable = False
