@@ -497,9 +497,10 @@ class ReplicaSet:
         watcher, self._watcher = self._watcher, None
         if watcher is not None and not watcher.done():
             watcher.cancel()
-            # A probe cancelled in the middle of connecting can take long to unwind (asyncpg
-            # under load): wait no longer than a check may last, then let it finish alone.
-            await asyncio.wait({watcher}, timeout=self.settings.check_timeout)
+            # A probe cancelled in the middle of connecting can take a while to unwind (asyncpg
+            # under load) and must close its connection first; but a shutdown never hangs on
+            # it: past the bound, it finishes alone.
+            await asyncio.wait({watcher}, timeout=max(10.0, 2 * self.settings.check_timeout))
             if watcher.done() and not watcher.cancelled():
                 watcher.exception()  # retrieved: a failed check is no news at shutdown
         for replica in self.replicas:
